@@ -1,0 +1,1 @@
+"""Data layer: phantoms, readers, quality filter, preprocessing, chunked storage, patch stream."""

@@ -1,0 +1,1 @@
+"""Self-supervised pre-training methods: each file is one method (config dataclass + nn.Module)."""
