@@ -36,6 +36,7 @@ class CaseRecord:
     checksum: str | None = None  # of the source file(s)
     reason: str | None = None
     has_label: bool = False
+    problems: list[dict] | None = None  # excluded: [{"rule", "path", "reason"}, ...]
 
     @property
     def ok(self) -> bool:

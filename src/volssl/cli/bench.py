@@ -1,0 +1,40 @@
+"""``volssl bench loader|step|...``: one module of volssl.bench per benchmark."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+
+BENCHMARKS = {
+    "loader": "patch stream vs whole-volume decoding (patches/s)",
+    "step": "S3D sparse pre-training step vs dense step (time, peak memory)",
+}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="run a benchmark (both sides in one run; prints the ratio)")
+    bsub = p.add_subparsers(dest="bench", metavar="NAME", required=True)
+    for name, help_ in BENCHMARKS.items():
+        try:
+            module = importlib.import_module(f"volssl.bench.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"volssl.bench.{name}":
+                continue
+            raise
+        b = bsub.add_parser(name, help=help_)
+        b.add_argument("--json", action="store_true", help="print one JSON object")
+        module.add_arguments(b)
+        b.set_defaults(func=_runner(module))
+
+
+def _runner(module):
+    def run(args: argparse.Namespace) -> int:
+        result = module.run(args)
+        if args.json:
+            print(json.dumps(result))
+        else:
+            for k, v in result.items():
+                print(f"{k:>28}: {v}")
+        return 0
+
+    return run

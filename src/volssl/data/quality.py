@@ -1,0 +1,249 @@
+"""The quality filter of ``volssl preprocess``: which input volumes are excluded, and why.
+
+The defaults are the S3D paper's pre-training filter (FOV < 50 mm on any axis, spacing > 6.5 mm on
+any axis, file < 200 kB); each is switched off with ``None``. The structural rules are always on:
+unreadable/truncated file, not 3D (a trailing axis of size 1 is fine), non-finite or constant image,
+channels on different grids, label map on a different grid (shape or affine), non-integer label
+values, label values not declared in dataset.json.
+
+Each rule is one small function returning a reason (a sentence) or None. :func:`check_case` reads a
+case's files once, applies every rule and returns the problems together with the arrays it read.
+Every problem carries a short ``rule`` code (used in the JSON report):
+
+``missing`` ``file_size`` ``unreadable`` ``not_3d`` ``no_spacing`` ``bad_affine`` ``spacing`` ``fov``
+``nonfinite`` ``constant`` ``channel_geometry`` ``label_shape`` ``label_affine`` ``label_nonint``
+``label_values`` (and ``error`` for an unexpected failure while preprocessing).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+import numpy as np
+
+from volssl.data.readers import SourceCase, VolumeError, read_volume, source_bytes
+
+
+@dataclass
+class QualityRules:
+    """Exclusion thresholds (None switches a rule off).
+
+    Attributes:
+        min_fov_mm: exclude when ``shape * spacing`` < this along any voxel axis (mm).
+        max_spacing_mm: exclude when the voxel size > this along any voxel axis (mm).
+        min_file_bytes: exclude image files smaller than this on disk (bytes; 200 kB = 200_000).
+        affine_atol_mm: largest entry-wise difference (mm) between the affines of a label map (or of
+            another channel) and the image for them to count as the same grid.
+    """
+
+    min_fov_mm: float | None = 50.0
+    max_spacing_mm: float | None = 6.5
+    min_file_bytes: int | None = 200_000
+    affine_atol_mm: float = 1e-3
+
+    def __post_init__(self) -> None:
+        for name in ("min_fov_mm", "max_spacing_mm", "min_file_bytes"):
+            v = getattr(self, name)
+            if v is not None and not (np.isfinite(v) and v >= 0):
+                raise ValueError(f"QualityRules.{name} must be None (off) or a number >= 0, got {v!r}")
+        if not self.affine_atol_mm >= 0:
+            raise ValueError(f"QualityRules.affine_atol_mm must be >= 0, got {self.affine_atol_mm!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Problem:
+    """Why a case is excluded: ``rule`` code, the offending ``path`` and a readable ``reason``."""
+
+    rule: str
+    path: str
+    reason: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class CheckedCase:
+    """What :func:`check_case` found: ``problems`` (empty = usable) and, when usable, the arrays.
+
+    ``image`` is float32 (C, X, Y, Z) in the file's voxel order, ``affine`` its (4, 4) RAS affine,
+    ``label`` the integer-valued label map (X, Y, Z) (int64) or None.
+    """
+
+    problems: list[Problem] = field(default_factory=list)
+    image: np.ndarray | None = None
+    affine: np.ndarray | None = None
+    label: np.ndarray | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def voxel_sizes(affine: np.ndarray) -> np.ndarray:
+    """Voxel size (mm) along each voxel axis: the norms of the affine's first three columns."""
+    return np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+# ---------------------------------------------------------------------------------------------- rules
+
+
+def check_file_size(path: str, min_bytes: int | None) -> str | None:
+    if min_bytes is None:
+        return None
+    size = source_bytes(path)
+    if size < min_bytes:
+        return f"file is {size / 1000:.1f} kB < {min_bytes / 1000:g} kB (likely empty)"
+    return None
+
+
+def check_spacing(spacing: np.ndarray, max_mm: float | None) -> str | None:
+    if max_mm is None:
+        return None
+    bad = [f"{_fmt(s)} mm along axis {i}" for i, s in enumerate(spacing) if s > max_mm]
+    return f"spacing {', '.join(bad)} > {_fmt(max_mm)} mm" if bad else None
+
+
+def check_fov(shape: tuple[int, ...], spacing: np.ndarray, min_mm: float | None) -> str | None:
+    if min_mm is None:
+        return None
+    fov = np.asarray(shape[-3:], dtype=np.float64) * spacing
+    bad = [f"{_fmt(f)} mm along axis {i}" for i, f in enumerate(fov) if f < min_mm]
+    return f"field of view {', '.join(bad)} < {_fmt(min_mm)} mm" if bad else None
+
+
+def check_finite(array: np.ndarray) -> str | None:
+    if np.issubdtype(array.dtype, np.integer):
+        return None
+    n_bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+    return f"image has {n_bad} non-finite (NaN/inf) voxels" if n_bad else None
+
+
+def check_constant(array: np.ndarray) -> str | None:
+    lo, hi = array.min(), array.max()
+    return f"image is constant (every voxel = {_fmt(float(lo))})" if lo == hi else None
+
+
+def check_shape_match(shape: tuple[int, ...], ref_shape: tuple[int, ...], what: str) -> str | None:
+    if tuple(shape) != tuple(ref_shape):
+        return f"{what} shape {tuple(shape)} differs from the image shape {tuple(ref_shape)}"
+    return None
+
+
+def check_affine_match(affine: np.ndarray, ref_affine: np.ndarray, atol_mm: float, what: str) -> str | None:
+    diff = float(np.max(np.abs(np.asarray(affine) - np.asarray(ref_affine))))
+    if diff > atol_mm:
+        return f"{what} affine differs from the image affine (max difference {_fmt(diff)} > {_fmt(atol_mm)})"
+    return None
+
+
+def check_integer_labels(label: np.ndarray) -> str | None:
+    if np.issubdtype(label.dtype, np.integer) or np.issubdtype(label.dtype, np.bool_):
+        return None
+    finite = np.isfinite(label)
+    if not finite.all() or np.any(label[finite] != np.round(label[finite])):
+        return "label map has non-integer or non-finite values"
+    return None
+
+
+def check_label_values(values: np.ndarray, declared: tuple[int, ...] | None) -> str | None:
+    if declared is None:
+        return None
+    extra = sorted(set(int(v) for v in values) - set(declared))
+    if extra:
+        shown = extra[:10] + (["..."] if len(extra) > 10 else [])
+        return f"label values {shown} are not declared in dataset.json (declared: {list(declared)})"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- case
+
+
+def check_case(case: SourceCase, rules: QualityRules) -> CheckedCase:
+    """Read a case's files and apply every rule.
+
+    Checks in stages, stopping after the first stage that finds a problem (so a tiny file is not
+    read): discovery error; file sizes; reading (unreadable, not 3D, no spacing, bad affine); the
+    image rules (spacing, FOV, finite, constant, same grid for every channel); the label rules.
+
+    Returns:
+        CheckedCase with the problems, and the image (float32 (C, X, Y, Z)), affine and label
+        (int64 (X, Y, Z) or None) when there are none.
+    """
+    out = CheckedCase()
+    first = case.images[0] if case.images else case.id
+    if case.error:
+        out.problems.append(Problem("missing", first, case.error))
+        return out
+    for path in case.images:
+        reason = check_file_size(path, rules.min_file_bytes)
+        if reason:
+            out.problems.append(Problem("file_size", path, reason))
+    if out.problems:
+        return out
+
+    channels: list[np.ndarray] = []
+    affine = None
+    for c, path in enumerate(case.images):
+        try:
+            raw, aff = read_volume(path, spacing=case.spacing)
+        except VolumeError as e:
+            out.problems.append(Problem(e.rule, e.path, e.reason))
+            continue
+        name = f"channel {c} ({case.channels[c]})" if len(case.images) > 1 else "image"
+        if c == 0:
+            affine = aff
+            spacing = voxel_sizes(aff)
+            for rule, reason in (
+                ("spacing", check_spacing(spacing, rules.max_spacing_mm)),
+                ("fov", check_fov(raw.shape, spacing, rules.min_fov_mm)),
+            ):
+                if reason:
+                    out.problems.append(Problem(rule, path, reason))
+        else:
+            reason = check_shape_match(raw.shape, channels[0].shape, name) if channels else None
+            if reason is None and affine is not None:
+                reason = check_affine_match(aff, affine, rules.affine_atol_mm, name)
+            if reason:
+                out.problems.append(Problem("channel_geometry", path, reason))
+                continue
+        reason = check_finite(raw)
+        if reason:
+            out.problems.append(Problem("nonfinite", path, reason))
+        else:
+            reason = check_constant(raw)
+            if reason:
+                out.problems.append(Problem("constant", path, reason))
+        channels.append(raw)
+    if out.problems:
+        return out
+    image = np.stack([np.asarray(ch, dtype=np.float32) for ch in channels])
+    del channels
+
+    label = None
+    if case.label is not None:
+        try:
+            raw, lab_aff = read_volume(case.label, spacing=case.spacing)
+        except VolumeError as e:
+            out.problems.append(Problem(e.rule, e.path, e.reason))
+            return out
+        checks = [("label_shape", check_shape_match(raw.shape, image.shape[1:], "label"))]
+        if checks[0][1] is None:
+            checks.append(("label_affine", check_affine_match(lab_aff, affine, rules.affine_atol_mm, "label")))
+        checks.append(("label_nonint", check_integer_labels(raw)))
+        if checks[-1][1] is None:
+            label = np.asarray(raw).astype(np.int64, copy=False)
+            checks.append(("label_values", check_label_values(np.unique(label), case.label_values)))
+        for rule, reason in checks:
+            if reason:
+                out.problems.append(Problem(rule, case.label, reason))
+        if out.problems:
+            return out
+
+    out.image, out.affine, out.label = image, affine, label
+    return out
