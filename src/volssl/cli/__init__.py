@@ -12,6 +12,9 @@ COMMAND_MODULES = [
     "phantoms",  # volssl phantoms
     "preprocess",  # volssl preprocess
     "pretrain",  # volssl pretrain
+    "predict",  # volssl predict
+    "evaluate",  # volssl evaluate
+    "report",  # volssl report
     "configs",  # volssl presets, volssl config show
     "models",  # volssl models, volssl import-checkpoint
     "bench",  # volssl bench loader|step|...

@@ -1,12 +1,22 @@
 """S3D / Spark3D: sparse masked autoencoding for the Residual Encoder U-Net.
 
-(The method module itself is being written; the configuration below is its contract.)
+Paper: "Revisiting MAE pre-training for 3D medical image segmentation" (Sec. 3, Table 1a/1b).
+:class:`S3DConfig` holds the settings (one switch per sparsification row of Table 1a); :class:`S3D`
+is the ``nn.Module`` the trainer optimises (see docs/design.md, "Methods").
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
-from volssl.config import MethodConfig, register_method_config
+import torch
+from torch import Tensor, nn
+
+from volssl.config import MethodConfig, RunConfig, register_method_config
+from volssl.methods import MethodOutput
+from volssl.methods.masking import block_mask
+from volssl.models.registry import build_model
+from volssl.models.resenc_unet import ResEncUNet, init_weights
 
 
 @register_method_config
@@ -27,3 +37,139 @@ class S3DConfig(MethodConfig):
     mask_token: bool = True  # learnable per-stage token fills masked positions before decoding
     densify: bool = True  # 3x3x3 conv on every resolution but the highest before decoding
     loss_masked_only: bool = True  # L2 on masked voxels only (False: whole patch)
+
+
+# --------------------------------------------------------------------------- the method
+class S3D(nn.Module):
+    """Sparse masked autoencoder on the Residual Encoder U-Net (S3D / Spark3D).
+
+    Per step: a block mask is drawn on the encoder's bottleneck grid (blocks of ``mask_block``
+    voxels, by default the total stride) with a static or per-sample U[lo, hi] ratio; the encoder
+    sees the masked input with the mask re-applied after every conv/pool and visible-only norm
+    statistics; each stage's masked positions are filled with that stage's learnable mask token; a
+    3^3 densification conv (conv + bias only: the decoder block that follows normalises) is applied
+    at every resolution except the highest; the U-Net decoder (skips kept) reconstructs the input
+    and the loss is the L2 error on masked voxels, in the z-scored intensity space of the input.
+
+    Args:
+        network: a :class:`~volssl.models.resenc_unet.ResEncUNet` whose output channels equal its
+            input channels (its last 1^3 output conv is the reconstruction head).
+        cfg: the :class:`S3DConfig`; each switch off reproduces a row of the paper's Table 1a.
+    """
+
+    def __init__(self, network: ResEncUNet, cfg: S3DConfig):
+        super().__init__()
+        enc = network.encoder
+        if network.decoder.out_channels != enc.in_channels:
+            raise ValueError(f"S3D: the network must reconstruct its input: out_channels "
+                             f"{network.decoder.out_channels} != in_channels {enc.in_channels}")
+        if enc.strides[0] != 1:
+            raise ValueError(f"S3D: the first stage must not downsample (strides[0] = {enc.strides[0]})")
+        block = cfg.mask_block or enc.total_stride
+        if block < 1 or block % enc.total_stride:
+            raise ValueError(
+                f"S3D: mask_block {block} must be a multiple of the encoder's total stride {enc.total_stride}; "
+                "smaller blocks cannot be masked exactly in the bottleneck (the masked regions would leak)")
+        if cfg.mask_ratio_range is None and not 0.0 <= cfg.mask_ratio <= 1.0:
+            raise ValueError(f"S3D: mask_ratio must be in [0, 1], got {cfg.mask_ratio}")
+        self.network = network
+        self.cfg = cfg
+        for head in network.decoder.seg_layers[:-1]:  # deep-supervision heads: unused here, so frozen
+            head.requires_grad_(False)  # (no parameter without a gradient for DDP or the optimiser)
+        self.block = int(block)
+        widths = enc.output_channels
+        self.mask_tokens = nn.ParameterList(
+            [nn.Parameter(torch.zeros(1, c, 1, 1, 1)) for c in widths] if cfg.mask_token else [])
+        for token in self.mask_tokens:
+            nn.init.trunc_normal_(token, std=0.02, a=-0.04, b=0.04)
+        self.densify = nn.ModuleList(
+            ([nn.Identity()] + [nn.Conv3d(c, c, 3, padding=1) for c in widths[1:]]) if cfg.densify else [])
+        self.densify.apply(init_weights)
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> "S3D":
+        """Build from a RunConfig: ``cfg.model`` with ``out_channels = in_channels``, ``cfg.method``."""
+        if not isinstance(cfg.method, S3DConfig):
+            raise ValueError(f"S3D: cfg.method must be an S3DConfig, got {type(cfg.method).__name__}")
+        model_cfg = dataclasses.replace(cfg.model, out_channels=cfg.model.in_channels)
+        network = build_model(model_cfg)
+        if not isinstance(network, ResEncUNet):
+            raise ValueError(f"S3D needs a ResEnc U-Net backbone, got architecture {cfg.model.arch!r}")
+        method = cls(network, cfg.method)
+        method.check_patch(cfg.data.patch_size)
+        return method
+
+    def check_patch(self, patch_size) -> None:
+        """ValueError unless every side of ``patch_size`` is a multiple of the mask block."""
+        if any(int(p) % self.block for p in patch_size):
+            raise ValueError(f"S3D: patch size {tuple(patch_size)} must be divisible by the mask block {self.block} "
+                             f"(the encoder's total stride is {self.network.encoder.total_stride})")
+
+    def draw_mask(self, images: Tensor, sample_offset: int = 0, global_batch: int | None = None) -> Tensor:
+        """A fresh ``(B, 1, *patch)`` block mask (1 = visible) from the global torch RNG.
+
+        Drawn for the ``global_batch`` samples; rows ``[sample_offset, sample_offset + B)`` kept.
+        """
+        ratio = self.cfg.mask_ratio_range if self.cfg.mask_ratio_range is not None else self.cfg.mask_ratio
+        return block_mask(images.shape[0], images.shape[2:], self.block, ratio, device=images.device,
+                          sample_offset=sample_offset, global_batch=global_batch)
+
+    def forward(self, images: Tensor, sample_offset: int = 0, global_batch: int | None = None) -> MethodOutput:
+        """``images`` (B, C, *patch), z-scored, rows ``[sample_offset, sample_offset + B)`` of a global
+        batch of ``global_batch`` (default B) -> loss and previews, with a freshly drawn mask."""
+        enc = self.network.encoder
+        if images.ndim != 5 or images.shape[1] != enc.in_channels:
+            raise ValueError(f"S3D: expected images (B, {enc.in_channels}, X, Y, Z), got {tuple(images.shape)}")
+        self.check_patch(images.shape[2:])
+        return self.forward_masked(images, self.draw_mask(images, sample_offset, global_batch))
+
+    def forward_masked(self, images: Tensor, mask: Tensor) -> MethodOutput:
+        """The step for a given ``mask`` (B, 1, *patch), 1 = visible, aligned to the mask block."""
+        cfg, enc = self.cfg, self.network.encoder
+        mask = mask.to(images.dtype)
+        skips = enc(images, mask, mask_input=cfg.mask_input, sparse_conv=cfg.sparse_conv, masked_norm=cfg.masked_norm)
+        if cfg.mask_token or cfg.densify:
+            skips = [self._densify(s, x, mask[:, :, ::c, ::c, ::c]) for s, (x, c)
+                     in enumerate(zip(skips, enc.cumulative_strides))]
+        recon = self.network.decoder(skips)
+        loss = reconstruction_loss(recon, images, mask if cfg.loss_masked_only else None)
+        with torch.no_grad():
+            previews = {
+                "input": images[:, :1].detach(),
+                "masked": (images[:, :1] * mask).detach(),
+                "reconstruction": recon[:, :1].detach().to(images.dtype),
+                "target": images[:, :1].detach(),
+            }
+        return MethodOutput(loss, previews)
+
+    def _densify(self, stage: int, x: Tensor, mask: Tensor) -> Tensor:
+        """Fill masked positions of stage ``stage``'s features with its token, then densify (stages >= 1)."""
+        if self.cfg.mask_token:
+            x = torch.where(mask > 0.5, x, self.mask_tokens[stage].to(x.dtype))
+        if self.cfg.densify and stage > 0:
+            x = self.densify[stage](x)
+        return x
+
+    def transfer_state_dict(self) -> dict[str, Tensor]:
+        """The backbone's weights fine-tuning transfers: the network without its reconstruction heads.
+
+        Mask tokens and densification convs belong to this module, not to ``network``, so they are
+        never included; the 1^3 output convs (``decoder.seg_layers``) predict intensities and are dropped.
+        """
+        return {k: v for k, v in self.network.state_dict().items() if not k.startswith("decoder.seg_layers.")}
+
+
+def reconstruction_loss(recon: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Squared error of ``recon`` vs ``target`` (B, C, *s), in float32: the mean over samples of each
+    sample's mean (so that data-parallel gradient averaging equals the single-process gradient).
+
+    With ``mask`` (B, 1, *s; 1 = visible) each sample's mean runs over its masked voxels only (all
+    channels); visible voxels contribute nothing, whatever their values.
+    """
+    sq = (recon.float() - target.float()).square()
+    if mask is None:
+        return sq.mean()
+    dims = tuple(range(1, sq.ndim))
+    hidden = 1.0 - mask.float()
+    per_sample = (sq * hidden).sum(dims) / (hidden.sum(dims) * sq.shape[1]).clamp_min(1.0)
+    return per_sample.mean()

@@ -1,0 +1,116 @@
+"""Named architectures: ``ARCHITECTURES[name]`` -> an :class:`ArchSpec`; ``build_model(ModelConfig)``.
+
+Every ResEnc preset comes from the same code (:class:`~volssl.models.resenc_unet.ResEncUNet`); the
+smaller ones only change widths, depths and strides. ``paper_params`` is the parameter count a
+paper reports for the preset (1 input, 1 output channel), or None for our own presets.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from volssl.config import ModelConfig
+from volssl.models.resenc_unet import ResEncUNet
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """One named architecture: default widths and a builder."""
+
+    name: str
+    description: str
+    features: tuple[int, ...]
+    blocks: tuple[int, ...]
+    strides: tuple[int, ...]
+    paper_params: int | None = None  # parameter count reported by the paper (1 in / 1 out channel)
+    builder: Callable[..., nn.Module] = ResEncUNet
+
+    @property
+    def total_stride(self) -> int:
+        out = 1
+        for s in self.strides:
+            out *= s
+        return out
+
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    spec.name: spec
+    for spec in (
+        ArchSpec(
+            "resenc-l",
+            "nnU-Net/nnssl ResEncL (S3D paper backbone): 6 stages, 3^3 kernels, instance norm, leaky ReLU, "
+            "one decoder conv per stage; total stride 32 (160^3 patch -> 5^3 bottleneck)",
+            features=(32, 64, 128, 256, 320, 320), blocks=(1, 3, 4, 6, 6, 6), strides=(1, 2, 2, 2, 2, 2),
+            paper_params=102_300_000,
+        ),
+        ArchSpec(
+            "resenc-s",
+            "ours: ResEncL at half width and about half depth (single small GPU); total stride 32",
+            features=(16, 32, 64, 128, 160, 160), blocks=(1, 2, 2, 3, 3, 3), strides=(1, 2, 2, 2, 2, 2),
+        ),
+        ArchSpec(
+            "resenc-tiny",
+            "ours: CPU-sized ResEnc U-Net for tests and -tiny presets: 5 stages, total stride 16 "
+            "(64^3 patch -> 4^3 bottleneck)",
+            features=(8, 16, 32, 64, 64), blocks=(1, 1, 2, 2, 2), strides=(1, 2, 2, 2, 2),
+        ),
+    )
+}
+
+
+def get_arch(name: str) -> ArchSpec:
+    """The spec of architecture ``name`` (KeyError listing the known names)."""
+    if name not in ARCHITECTURES:
+        raise KeyError(f"unknown architecture {name!r}; known: {', '.join(sorted(ARCHITECTURES))}")
+    return ARCHITECTURES[name]
+
+
+def resolve_widths(cfg: ModelConfig) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """``(features, blocks, strides)`` of ``cfg``: the architecture's own, overridden where set."""
+    spec = get_arch(cfg.arch)
+    return (tuple(cfg.features or spec.features), tuple(cfg.blocks or spec.blocks),
+            tuple(cfg.strides or spec.strides))
+
+
+def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> nn.Module:
+    """Build the network described by ``cfg`` (architecture name + optional width overrides).
+
+    ``device="meta"`` builds it without allocating parameters (for counting).
+    """
+    spec = get_arch(cfg.arch)
+    features, blocks, strides = resolve_widths(cfg)
+    if device is None:
+        return spec.builder(cfg.in_channels, cfg.out_channels, features, blocks, strides)
+    with torch.device(device):
+        return spec.builder(cfg.in_channels, cfg.out_channels, features, blocks, strides)
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameter elements (shared parameters counted once)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def describe_architectures(in_channels: int = 1, out_channels: int = 1) -> list[dict]:
+    """One row per architecture: name, parameter counts (total, encoder, decoder), paper count, widths.
+
+    Networks are built on the meta device: no memory is allocated for their weights.
+    """
+    rows = []
+    for name, spec in ARCHITECTURES.items():
+        net = build_model(ModelConfig(arch=name, in_channels=in_channels, out_channels=out_channels), device="meta")
+        rows.append({
+            "name": name,
+            "params": count_parameters(net),
+            "encoder_params": count_parameters(net.encoder),
+            "decoder_params": count_parameters(net.decoder),
+            "params_paper": spec.paper_params,
+            "features": list(spec.features),
+            "blocks": list(spec.blocks),
+            "strides": list(spec.strides),
+            "total_stride": spec.total_stride,
+            "description": spec.description,
+        })
+    return rows

@@ -1,0 +1,447 @@
+"""The pre-training loop shared by every method: ``pretrain(cfg, data_dir, out_dir, resume)``.
+
+One step: fetch this rank's rows of the next global batch, augment them spatially
+(:mod:`volssl.training.augment`), run the method under autocast, back-propagate (through a gradient
+scaler for fp16), clip the gradient norm, update, move the lr schedule. A run directory holds::
+
+    RUN/config.json                   the resolved configuration
+    RUN/checkpoints/{latest,best,final}.pt
+    RUN/scalars.csv, RUN/tb/          scalars (see training/logging.py)
+    RUN/previews/step_XXXXXX.png      input / masked / reconstruction / target slices
+    RUN/summary.json                  status ("finished" / "stopped"), step, losses, paths
+    RUN/STOPPED.json                  only while a run is stopped by a signal (step, signal)
+
+Determinism and exact resume. Before step ``s`` the global torch RNG is reseeded with
+``step_seed(train.seed, s)`` (the same on every rank; methods draw their masks for the whole global
+batch and keep their rows, see docs/design.md "Methods") and the augmentation draws from a CPU
+generator seeded with ``step_seed(train.seed, s, AUGMENT_STREAM)``. The data stream is a pure
+function of ``(seed, batch index)``. A checkpoint stores the method, optimiser, schedule, scaler, step,
+the loss EMA and every RNG state; resuming restarts the loader at ``start_batch = step``, so on the
+CPU a resumed run produces bit-identical losses to an uninterrupted one.
+
+Signals. SIGTERM and SIGUSR1 (what Slurm sends before a time limit) and a first Ctrl-C finish the
+current step, save ``latest.pt``, write ``STOPPED.json`` and return (``summary["status"] ==
+"stopped"``); ``volssl pretrain`` then exits 0 (SIGTERM / SIGUSR1) or 130 (Ctrl-C). Run the same
+command with ``--resume`` to continue. A second Ctrl-C aborts at once without saving.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from volssl.config import RunConfig, config_from_dict, config_to_dict
+from volssl.training import distributed as D
+from volssl.training.augment import spatial_augment
+from volssl.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from volssl.training.logging import ScalarLogger, save_preview
+from volssl.training.optim import StepSchedule, build_optimizer, clip_gradients
+from volssl.util.atomic import write_json_atomic
+
+#: ``batches(start_batch, rank, world_size)`` -> iterator over this rank's rows of global batches
+#: ``start_batch, start_batch + 1, ...`` (dicts with "image" (B/W, C, *patch)); see data/patches.py.
+BatchFactory = Callable[[int, int, int], Iterable[dict]]
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+AUGMENT_STREAM = 1
+VAL_STREAM = 2
+EMA_DECAY = 0.98  # smoothing of the logged loss_ema and of the 'best' criterion
+VAL_BATCHES = 2
+#: fields that may differ between a run and its resumption (they do not change the maths)
+RESUME_MUTABLE = {
+    "description", "train.steps", "train.log_every", "train.preview_every", "train.checkpoint_every",
+    "train.val_every", "train.device", "train.compile", "data.num_workers",
+}
+
+
+# --------------------------------------------------------------------------- helpers
+def step_seed(seed: int, step: int, stream: int = 0) -> int:
+    """A 63-bit seed that is a pure function of ``(seed, step, stream)`` (NumPy SeedSequence hash)."""
+    state = np.random.SeedSequence([int(seed), int(step), int(stream)]).generate_state(2, np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1]))
+
+
+def resolve_device(name: str, info: D.DistInfo | None = None) -> torch.device:
+    """``train.device`` -> a torch device; "auto" is CUDA (this rank's LOCAL_RANK) if available."""
+    local = info.local_rank if info is not None else int(os.environ.get("LOCAL_RANK", 0) or 0)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"train.device: cannot interpret {name!r} (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"train.device={name!r} but CUDA is not available (this torch: {torch.__version__})")
+        if device.index is None:
+            device = torch.device("cuda", local)
+    return device
+
+
+def autocast_context(precision: str, device: torch.device):
+    """The autocast context of ``train.precision`` (fp32: none). fp16 needs CUDA."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"train.precision: unknown {precision!r}; known: {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("train.precision=fp16 needs a CUDA device (a gradient scaler on the CPU is not "
+                         "supported); use bf16 or fp32 on the CPU")
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
+    """A gradient scaler, enabled only for fp16 (its state_dict is {} when disabled)."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def _accepts_rows(method: torch.nn.Module) -> bool:
+    params = inspect.signature(method.forward).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return True
+    return "sample_offset" in params and "global_batch" in params
+
+
+def _config_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _config_diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
+        return out
+    return [] if a == b else [prefix]
+
+
+def _default_batches(cfg: RunConfig, data_dir: str | os.PathLike, pin_memory: bool = False
+                     ) -> tuple[BatchFactory, dict]:
+    """The real patch stream of a preprocessed dataset, and its plan."""
+    from volssl.data.dataset import PreprocessedDataset
+    from volssl.data.patches import PatchSampler, make_loader
+
+    dataset = PreprocessedDataset(data_dir)
+    sampler = PatchSampler(dataset, cfg.data.patch_size, foreground_prob=cfg.data.foreground_prob,
+                           seed=cfg.train.seed, sampling=cfg.data.sampling, channel_mode=cfg.data.channel_mode,
+                           with_labels=False)
+
+    def factory(start_batch: int, rank: int, world_size: int) -> Iterable[dict]:
+        return make_loader(sampler, cfg.data.batch_size, cfg.data.num_workers, start_batch=start_batch,
+                           rank=rank, world_size=world_size, pin_memory=pin_memory)
+
+    return factory, dataset.plan
+
+
+class _Signals:
+    """SIGTERM / SIGUSR1 / SIGINT -> a flag checked between steps (second SIGINT: KeyboardInterrupt)."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "_Signals":
+        if threading.current_thread() is threading.main_thread():
+            for name in ("SIGTERM", "SIGUSR1", "SIGINT"):
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if name == "SIGINT" and self.received == "SIGINT":
+            raise KeyboardInterrupt
+        self.received = self.received or name
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _log(msg: str, info: D.DistInfo) -> None:
+    if info.is_main:
+        from tqdm import tqdm
+
+        tqdm.write(f"volssl pretrain: {msg}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- the loop
+def pretrain(
+    cfg: RunConfig,
+    data_dir: str | os.PathLike | None,
+    out_dir: str | os.PathLike,
+    resume: bool = False,
+    method: torch.nn.Module | None = None,
+    batches: BatchFactory | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Pre-train ``cfg.method`` on the preprocessed dataset ``data_dir``, writing the run to ``out_dir``.
+
+    Args:
+        cfg: the resolved configuration (saved to ``out_dir/config.json``).
+        data_dir: a preprocessed dataset (``volssl preprocess`` output); may be None with ``batches``.
+        out_dir: the run directory.
+        resume: continue from ``out_dir/checkpoints/latest.pt`` (start afresh if there is none). The
+            configuration must equal the saved one except for :data:`RESUME_MUTABLE` fields.
+        method: the method module (default ``volssl.methods.build_method(cfg)``).
+        batches: a :data:`BatchFactory` (default: ``data/patches.make_loader`` over ``data_dir``).
+        progress: show a tqdm progress bar on stderr (rank 0).
+
+    Returns:
+        A summary dict: ``status`` ("finished" or "stopped"), ``signal``, ``step``, ``loss``,
+        ``loss_ema``, ``best``, ``seconds`` and the paths written.
+
+    Launch under ``torchrun`` for data parallelism: ``data.batch_size`` is the global batch.
+    """
+    out = Path(out_dir)
+    ckpt_dir = out / "checkpoints"
+    tc = cfg.train
+    if tc.steps <= 0:
+        raise ValueError(f"train.steps must be > 0, got {tc.steps}")
+    for name in ("log_every", "preview_every", "checkpoint_every"):
+        if getattr(tc, name) <= 0:
+            raise ValueError(f"train.{name} must be > 0, got {getattr(tc, name)}")
+    if tc.val_every < 0:
+        raise ValueError(f"train.val_every must be >= 0, got {tc.val_every}")
+    if data_dir is None and batches is None:
+        raise ValueError("pretrain: give data_dir (a preprocessed dataset) or a batches factory")
+
+    device = resolve_device(tc.device)
+    autocast_context(tc.precision, device)  # validates precision / device early
+    info = D.init_distributed(device)
+    device = resolve_device(tc.device, info)
+    offset, local_b = D.local_rows(cfg.data.batch_size, info)
+
+    # ---- resume or start -------------------------------------------------------------------
+    latest = ckpt_dir / "latest.pt"
+    state = None
+    if resume and latest.is_file():
+        state = load_checkpoint(latest)
+        diff = [k for k in _config_diff(state["config"], config_to_dict(cfg)) if k not in RESUME_MUTABLE]
+        if diff:
+            raise ValueError(f"{latest}: cannot resume with a different configuration; changed: {', '.join(diff)} "
+                             f"(only {', '.join(sorted(RESUME_MUTABLE))} may change)")
+    elif resume:
+        _log(f"--resume: no checkpoint in {ckpt_dir}; starting a new run", info)
+    elif latest.is_file():
+        raise ValueError(f"{out} already holds a run ({latest}); pass --resume to continue it or choose "
+                         "another output directory")
+
+    torch.manual_seed(tc.seed)
+    np.random.seed(tc.seed % 2**32)
+    random.seed(tc.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    if method is None:
+        from volssl.methods import build_method
+
+        method = build_method(cfg)
+    raw = method.to(device)
+    plan = None
+    if batches is None:
+        batches, plan = _default_batches(cfg, data_dir, pin_memory=device.type == "cuda")
+    elif data_dir is not None and (Path(data_dir) / "plan.json").is_file():
+        plan = json.loads((Path(data_dir) / "plan.json").read_text())
+
+    params = [p for p in raw.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, cfg.optim)
+    schedule = StepSchedule(optimizer, tc.steps, cfg.optim)
+    scaler = make_scaler(tc.precision, device)
+    start = 0
+    ema: torch.Tensor | None = None
+    best = math.inf
+    if state is not None:
+        raw.load_state_dict(state["method_state"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        start = int(state["step"])
+        if start > tc.steps:
+            raise ValueError(f"{latest} is at step {start}, beyond train.steps={tc.steps}")
+        m = state.get("metrics") or {}
+        if m.get("loss_ema") is not None:
+            ema = torch.tensor(float(m["loss_ema"]), device=device)
+        best = float(m.get("best", math.inf))
+        if plan is None:
+            plan = state.get("plan")
+        _log(f"resuming {out} at step {start}", info)
+    del state
+
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "config.json", config_to_dict(cfg))  # the format of config.save_config
+        (out / "STOPPED.json").unlink(missing_ok=True)
+    model = D.wrap_ddp(raw, info, device)
+    if tc.compile:
+        model = torch.compile(model)
+    rows_kw = _accepts_rows(raw)
+    if not rows_kw and info.enabled:
+        _log("the method's forward() lacks sample_offset/global_batch: masks are drawn per rank, so "
+             "multi-process losses will differ from a single process (see docs/design.md)", info)
+    fwd_kw = {"sample_offset": offset, "global_batch": cfg.data.batch_size} if rows_kw else {}
+
+    logger = ScalarLogger(out, resume_step=start if start else None) if info.is_main else None
+    n_params = sum(p.numel() for p in params)
+    _log(f"{cfg.method.name} on {device} x{info.world_size}, {n_params / 1e6:.2f}M trainable parameters, "
+         f"global batch {cfg.data.batch_size}, patch {tuple(cfg.data.patch_size)}, {tc.precision}, "
+         f"steps {start}->{tc.steps}; run: {out}", info)
+
+    def payload(tag: str, done: int, last_loss: float | None) -> dict[str, Any]:
+        return dict(
+            kind="pretrain", tag=tag, config=config_to_dict(cfg), model=config_to_dict(cfg.model),
+            network=raw.transfer_state_dict(), encoder_keys="encoder.", method_state=raw.state_dict(),
+            optimizer=optimizer.state_dict(), scheduler=schedule.state_dict(), scaler=scaler.state_dict(),
+            step=done, data_position=done, world_size=info.world_size, rng=rng_state(), plan=plan,
+            metrics={"loss": last_loss, "loss_ema": None if ema is None else float(ema.item()), "best": best},
+        )
+
+    def checkpoint(tags: list[str], done: int, last_loss: float | None) -> None:
+        if info.is_main:
+            for tag in tags:
+                save_checkpoint(ckpt_dir / f"{tag}.pt", **payload(tag, done, last_loss))
+        D.barrier(info)
+
+    val_data: list[torch.Tensor] = []
+    if tc.val_every > 0:  # a fixed, low-noise loss estimate: the first batches of the stream, no augmentation
+        it0 = iter(batches(0, info.rank, info.world_size))
+        val_data = [next(it0)["image"] for _ in range(VAL_BATCHES)]
+        del it0
+
+    def val_loss() -> float:
+        losses = []
+        with torch.no_grad(), autocast_context(tc.precision, device):
+            for i, images in enumerate(val_data):
+                torch.manual_seed(step_seed(tc.seed, i, VAL_STREAM))
+                losses.append(raw(images.to(device).float(), **fwd_kw).loss.detach().float())
+        torch.manual_seed(step_seed(tc.seed, 0))  # the training steps reseed anyway
+        return float(D.all_reduce_mean(torch.stack(losses).mean(), info).item())
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=tc.steps, initial=start, desc="pretrain", unit="step", dynamic_ncols=True, file=sys.stderr,
+               disable=not (progress and info.is_main), smoothing=0.05)
+    summary: dict[str, Any] = {"status": "finished", "signal": None}
+    t0 = time.perf_counter()
+    t_window, n_window = time.perf_counter(), 0
+    done = start
+    last_loss: float | None = None
+    last_val: float | None = None
+    preview_dir = out / "previews"
+    model.train()
+    try:
+        with _Signals() as sig:
+            it: Iterator[dict] | None = iter(batches(start, info.rank, info.world_size))
+            for step in range(start, tc.steps):
+                try:
+                    batch = next(it)
+                except (RuntimeError, StopIteration):
+                    if sig.received:  # a loader worker killed by the same signal
+                        break
+                    raise
+                images = batch["image"].to(device, non_blocking=True).float()
+                if images.ndim != 5 or images.shape[0] != local_b:
+                    raise ValueError(f"batch 'image' must be ({local_b}, C, X, Y, Z) per rank, got {tuple(images.shape)}")
+                torch.manual_seed(step_seed(tc.seed, step, 0 if rows_kw else 1000 + info.rank))
+                gen = torch.Generator().manual_seed(step_seed(tc.seed, step, AUGMENT_STREAM))
+                with torch.no_grad():
+                    images = spatial_augment(images, cfg.augment, gen, offset, cfg.data.batch_size)
+                schedule.set_step(step)
+                lr = schedule.last_lr
+                with autocast_context(tc.precision, device):
+                    result = model(images, **fwd_kw)
+                loss = result.loss
+                if loss.ndim != 0:
+                    raise ValueError(f"{type(raw).__name__}.forward must return a scalar loss, got shape {tuple(loss.shape)}")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                grad_norm = clip_gradients(params, cfg.optim.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                done = step + 1
+                schedule.set_step(done)
+                gloss = D.all_reduce_mean(loss.detach().float(), info)
+                ema = gloss.clone() if ema is None else EMA_DECAY * ema + (1 - EMA_DECAY) * gloss
+                n_window += 1
+                bar.update(1)
+
+                last = done == tc.steps
+                val = None
+                if tc.val_every > 0 and (done % tc.val_every == 0 or last):
+                    val = last_val = val_loss()
+                if done % tc.log_every == 0 or last:
+                    last_loss = float(gloss.item())
+                    if not math.isfinite(last_loss):
+                        raise FloatingPointError(f"loss is {last_loss} at step {done}; the last good checkpoint "
+                                                 f"is {latest if latest.is_file() else 'none'}")
+                    dt = (time.perf_counter() - t_window) / max(n_window, 1)
+                    t_window, n_window = time.perf_counter(), 0
+                    if logger is not None:
+                        logger.log(done, {"loss": last_loss, "loss_ema": float(ema.item()), "lr": lr,
+                                          "grad_norm": float(grad_norm.item()), "sec_per_step": dt,
+                                          "samples_per_s": cfg.data.batch_size / dt if dt > 0 else None,
+                                          "val_loss": val})
+                    bar.set_postfix(loss=f"{last_loss:.4f}", ema=f"{float(ema.item()):.4f}", lr=f"{lr:.2e}",
+                                    refresh=False)
+                if info.is_main and (done % tc.preview_every == 0 or last):
+                    previews = {k: v[:2].detach().float().cpu() for k, v in (result.previews or {}).items()}
+                    if previews:
+                        rgb = save_preview(preview_dir / f"step_{done:06d}.png", previews,
+                                           title=f"{cfg.method.name} step {done}")
+                        if logger is not None:
+                            logger.image("previews", rgb, done)
+                del result, loss
+                if done % tc.checkpoint_every == 0 or last:
+                    criterion = last_val if tc.val_every > 0 else float(ema.item())
+                    tags = ["latest"]
+                    if criterion is not None and criterion < best:
+                        best = criterion
+                        tags.append("best")
+                    if last:
+                        tags.append("final")
+                    checkpoint(tags, done, last_loss)
+                if D.any_rank(sig.received is not None, info, device):
+                    break
+            it = None  # shut loader workers down before saving / exiting
+            if done < tc.steps:
+                summary.update(status="stopped", signal=sig.received or "SIGTERM")
+                checkpoint(["latest"], done, last_loss)
+                if info.is_main:
+                    write_json_atomic(out / "STOPPED.json", {"step": done, "signal": summary["signal"],
+                                                             "checkpoint": str(latest)})
+                _log(f"{summary['signal']}: saved step {done} to {latest}; run the same command with --resume "
+                     "to continue", info)
+    finally:
+        bar.close()
+        if logger is not None:
+            logger.close()
+
+    summary.update(
+        step=done, loss=last_loss, loss_ema=None if ema is None else float(ema.item()),
+        best=None if math.isinf(best) else best, seconds=time.perf_counter() - t0, run=str(out),
+        checkpoints=str(ckpt_dir), csv=str(out / "scalars.csv"), tensorboard=str(out / "tb"),
+        previews=str(preview_dir), config=str(out / "config.json"),
+    )
+    if info.is_main:
+        write_json_atomic(out / "summary.json", summary)
+    return summary
+
+
+def load_run_config(run_dir: str | os.PathLike) -> RunConfig:
+    """The configuration saved in a run directory (``RUN/config.json``)."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a volssl run (no config.json)")
+    return config_from_dict(json.loads(path.read_text()))

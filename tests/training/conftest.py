@@ -1,0 +1,7 @@
+"""Make the trainer stand-ins (training_standins.py) importable under --import-mode=importlib."""
+import sys
+from pathlib import Path
+
+HERE = str(Path(__file__).parent)
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
