@@ -8,6 +8,7 @@ import json
 BENCHMARKS = {
     "loader": "patch stream vs whole-volume decoding (patches/s)",
     "step": "S3D sparse pre-training step vs dense step (time, peak memory)",
+    "infer": "our sliding-window prediction vs MONAI's sliding_window_inference (voxels/s)",
 }
 
 

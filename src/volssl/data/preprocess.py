@@ -323,7 +323,23 @@ def process_case(
     return _excluded(case, checksum, [problem], out)
 
 
-def _preprocess_checked(case, image, affine, label, out: Path, plan: PreprocessPlan, checksum: str) -> CaseRecord:
+def preprocess_arrays(
+    image: np.ndarray, affine: np.ndarray, plan: PreprocessPlan, label: np.ndarray | None = None, axes: str = "xyz"
+) -> tuple[np.ndarray, np.ndarray | None, GeometryRecord, list[dict]]:
+    """Preprocess one case in memory (no files): what ``volssl preprocess`` does to a case, and what
+    prediction does to an input.
+
+    Args:
+        image: float32 (C, X, Y, Z) on the source file's grid (:func:`volssl.data.quality.check_case`).
+        affine: the file's (4, 4) voxel-to-RAS affine.
+        plan: the preprocessing plan.
+        label: integer (X, Y, Z) label map on the same grid, or None.
+        axes: :func:`volssl.data.readers.source_axes` of the image file.
+
+    Returns:
+        ``(image_p float32 (C, *record.shape), label_p (smallest int dtype) or None, record, stats)``
+        with the per-channel normalisation statistics of :func:`normalize`.
+    """
     from scipy.ndimage import binary_fill_holes
 
     ornt = ras_orientation(affine)
@@ -333,9 +349,7 @@ def _preprocess_checked(case, image, affine, label, out: Path, plan: PreprocessP
     bbox = None
     if plan.crop_nonzero:
         bbox = nonzero_bbox(nonzero | (label_r != 0) if label_r is not None else nonzero)
-    record = GeometryRecord.create(
-        image.shape[1:], affine, plan.target_spacing, bbox, plan.anisotropy_threshold, source_axes(case.images[0])
-    )
+    record = GeometryRecord.create(image.shape[1:], affine, plan.target_spacing, bbox, plan.anisotropy_threshold, axes)
     image_p = from_reoriented(image_r, record)
     del image, image_r
     mask_p = None
@@ -348,7 +362,12 @@ def _preprocess_checked(case, image, affine, label, out: Path, plan: PreprocessP
     if label_r is not None:
         label_p = from_reoriented(label_r, record, is_label=True, label_interpolation=plan.label_interpolation)
         label_p = label_p.astype(label_dtype(label_p), copy=False)
+    return image_p, label_p, record, stats
 
+
+def _preprocess_checked(case, image, affine, label, out: Path, plan: PreprocessPlan, checksum: str) -> CaseRecord:
+    image_p, label_p, record, stats = preprocess_arrays(image, affine, plan, label, source_axes(case.images[0]))
+    del image, label
     img_path, lab_path, props_path = _paths(out, case.id)
     save_array(img_path, image_p)
     if label_p is not None:
