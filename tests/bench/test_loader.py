@@ -18,6 +18,8 @@ KEYS = {
     "sampler_small_patches_per_s_per_worker",
     "loader_patches_per_s",
     "loader_patches_per_s_per_worker",
+    "nifti_gz_whole_ms",
+    "ratio_large_vs_nifti_gz",
     "ratio_target_met",
     "small_target_met",
     "targets_met",

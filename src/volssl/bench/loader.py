@@ -450,6 +450,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 with t_large():
                     large[i]
             whole_s, large_s = t_whole.median(), t_large.median()
+            # context: what a loader without a preprocessed store pays, decoding a gzip NIfTI
+            nifti_s = _nifti_whole_seconds(ds, large, size, reps=max(1, min(3, args.reps)))
             result.update(
                 whole_volume_ms=round(whole_s * 1e3, 2),
                 whole_volume_patches_per_s=round(1 / whole_s, 2),
@@ -457,6 +459,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 sampler_large_patches_per_s=round(1 / large_s, 2),
                 ratio_large_vs_whole=round(whole_s / large_s, 2),
                 ratio_large_vs_whole_wall=round(t_whole.median("wall") / t_large.median("wall"), 2),
+                nifti_gz_whole_ms=round(nifti_s * 1e3, 2),
+                ratio_large_vs_nifti_gz=round(nifti_s / large_s, 2),
             )
             small = PatchSampler(ds, args.small_patch, seed=args.seed + 1)
             for i in range(10):
@@ -489,6 +493,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _nifti_whole_seconds(ds, sampler, size, reps: int) -> float:
+    """Median CPU seconds to decode one stored volume saved as gzip NIfTI and crop the same window.
+
+    Context for the main ratio (which compares against decoding our own blosc2 store): this is what
+    a loader that reads the source files (e.g. ``.nii.gz`` through nibabel) pays per patch.
+    """
+    import nibabel as nib
+
+    from volssl.data.patches import read_window
+    from volssl.data.storage import load_array
+
+    timer = Timer()
+    with tempfile.TemporaryDirectory(prefix="volssl-bench-nifti-") as tmp:
+        d = sampler.draw(1)
+        path = Path(tmp) / "case.nii.gz"
+        nib.save(nib.Nifti1Image(load_array(ds.image_path(d["record"].id), nthreads=1)[0], np.eye(4)), path)
+        for _ in range(reps):
+            with timer():
+                full = np.asarray(nib.load(path).dataobj, dtype=np.float32)[None]
+                read_window(full, d["origin"], size, (slice(None),))
+    return timer.median()
 
 
 def _loader_rate(sampler, batch_size: int, workers: int, n_patches: int) -> float:

@@ -137,7 +137,8 @@ class S3D(nn.Module):
             previews = {
                 "input": images[:, :1].detach(),
                 "masked": (images[:, :1] * mask).detach(),
-                "reconstruction": recon[:, :1].detach().to(images.dtype),
+                # MAE figure convention: predicted masked blocks, visible blocks pasted from the input
+                "reconstruction": torch.lerp(recon[:, :1].detach().to(images.dtype), images[:, :1], mask),
                 "target": images[:, :1].detach(),
             }
         return MethodOutput(loss, previews)

@@ -1,5 +1,5 @@
-"""One torch thread per test: the test machines are shared, and OpenMP threads competing for busy
-cores slow small convolutions down by an order of magnitude."""
+"""One torch thread per test: CI and dev machines have 2 cores, and OpenMP threads competing for busy
+cores slow small 3D convolutions down by an order of magnitude."""
 import pytest
 import torch
 
