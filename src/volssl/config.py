@@ -300,7 +300,7 @@ def apply_overrides(cfg: RunConfig, overrides: list[str] | None) -> RunConfig:
         if not dataclasses.is_dataclass(obj) or last not in {f.name for f in dataclasses.fields(obj)}:
             known = sorted(f.name for f in dataclasses.fields(obj)) if dataclasses.is_dataclass(obj) else []
             raise ValueError(f"override {key!r}: no such field (known here: {known})")
-        if obj is cfg.method and last == "name":
+        if obj is getattr(cfg, "method", None) and last == "name":  # (any dataclass tree may be overridden)
             cfg.method = _method_class(raw.strip())()
             continue
         hint = _hints(type(obj))[last]

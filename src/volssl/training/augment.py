@@ -10,10 +10,15 @@ without them are not resampled at all, and mirroring is an exact flip.
 Data-parallel equivalence: the parameters are drawn for the whole *global* batch (``global_batch``
 rows) from a CPU ``torch.Generator`` and each rank keeps rows ``[sample_offset, sample_offset + B)``,
 so W processes augment every sample exactly as one process does.
+
+:func:`intensity_augment` adds nnU-Net-like intensity augmentation (noise, blur, brightness,
+contrast, low resolution, gamma; :class:`IntensityConfig`) with the same global-batch drawing.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -131,3 +136,131 @@ def spatial_augment(images: torch.Tensor, cfg: AugmentConfig, generator: torch.G
     params = draw_spatial_params(total, cfg, generator)
     params = {k: v[sample_offset:sample_offset + b] for k, v in params.items()}
     return apply_spatial(images, params, labels)
+
+
+# --------------------------------------------------------------------------- intensity augmentation
+@dataclass
+class IntensityConfig:
+    """nnU-Net-like intensity augmentation (the probabilities and ranges of nnU-Net v2's default
+    trainer), applied after the spatial augmentation to the images only. Each probability ``p_*`` is
+    per sample; ``p_*_channel`` then selects channels of a chosen sample."""
+
+    enabled: bool = False
+    p_noise: float = 0.1  # additive Gaussian noise, variance ~ U[noise_variance] per sample
+    noise_variance: tuple[float, float] = (0.0, 0.1)
+    p_blur: float = 0.2  # Gaussian blur, sigma ~ U[blur_sigma] per channel and axis (voxels)
+    p_blur_channel: float = 0.5
+    blur_sigma: tuple[float, float] = (0.5, 1.0)
+    p_brightness: float = 0.15  # multiplicative brightness, factor per channel
+    brightness_range: tuple[float, float] = (0.75, 1.25)
+    p_contrast: float = 0.15  # contrast about the channel mean, clipped to the channel's range
+    contrast_range: tuple[float, float] = (0.75, 1.25)
+    p_low_res: float = 0.25  # nearest downsampling by a zoom factor, trilinear upsampling back
+    p_low_res_channel: float = 0.5
+    low_res_zoom: tuple[float, float] = (0.5, 1.0)
+    p_gamma_inverted: float = 0.1  # gamma of the inverted image (statistics kept)
+    p_gamma: float = 0.3  # gamma (statistics kept)
+    gamma_range: tuple[float, float] = (0.7, 1.5)
+
+
+_N_INTENSITY_DRAWS = 20  # uniforms per (sample, channel); the layout is fixed, whatever the switches
+
+
+def _check_intensity(cfg: IntensityConfig) -> None:
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name.startswith("p_") and not 0.0 <= value <= 1.0:
+            raise ValueError(f"intensity.{f.name} must lie in [0, 1], got {value}")
+        if isinstance(value, tuple) and not (len(value) == 2 and 0 <= value[0] <= value[1]):
+            raise ValueError(f"intensity.{f.name} must be (lo, hi) with 0 <= lo <= hi, got {value}")
+    if cfg.low_res_zoom[0] <= 0 or cfg.low_res_zoom[1] > 1:
+        raise ValueError(f"intensity.low_res_zoom must lie in (0, 1], got {cfg.low_res_zoom}")
+    if cfg.gamma_range[0] <= 0:
+        raise ValueError(f"intensity.gamma_range must be positive, got {cfg.gamma_range}")
+
+
+def gaussian_blur(volume: torch.Tensor, sigma: tuple[float, float, float], truncate: float = 4.0) -> torch.Tensor:
+    """Separable Gaussian blur of one ``(X, Y, Z)`` volume, ``sigma`` in voxels per axis, kernel radius
+    ``int(truncate * sigma + 0.5)`` and mirrored borders (scipy's ``gaussian_filter(mode="mirror")``)."""
+    out = volume[None, None]
+    for axis, s in enumerate(sigma):
+        radius = min(int(truncate * float(s) + 0.5), volume.shape[axis] - 1)
+        if s <= 0 or radius < 1:
+            continue
+        x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+        k = torch.exp(-0.5 * (x / float(s)) ** 2)
+        k = (k / k.sum()).to(device=volume.device, dtype=volume.dtype)
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + axis] = 2 * radius + 1
+        pad = [0, 0, 0, 0, 0, 0]
+        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius  # F.pad lists the last axis first
+        out = F.conv3d(F.pad(out, pad, mode="reflect"), k.view(shape))
+    return out[0, 0]
+
+
+def _gamma(x: torch.Tensor, gamma: float, invert: bool) -> torch.Tensor:
+    """Gamma of one channel rescaled to [0, 1], mapped back to its range, mean and std kept."""
+    x = -x if invert else x
+    mean, std = x.mean(), x.std()
+    lo, span = x.min(), x.max() - x.min()
+    y = ((x - lo) / (span + 1e-7)).pow(gamma) * (span + 1e-7) + lo
+    y = (y - y.mean()) / (y.std() + 1e-8) * std + mean
+    return -y if invert else y
+
+
+def intensity_augment(images: torch.Tensor, cfg: IntensityConfig, generator: torch.Generator | None = None,
+                      sample_offset: int = 0, global_batch: int | None = None) -> torch.Tensor:
+    """nnU-Net-like intensity augmentation of a (local) batch ``(B, C, X, Y, Z)`` of z-scored images.
+
+    In order: Gaussian noise, Gaussian blur, brightness, contrast, simulated low resolution, inverted
+    gamma, gamma (see :class:`IntensityConfig`). The parameters are drawn for the whole global batch
+    from ``generator`` (a CPU generator; None: the global RNG) in a fixed layout and each rank keeps
+    rows ``[sample_offset, sample_offset + B)``; noise fields come from a per-sample generator on the
+    images' device. Returns a new tensor (``images`` itself when disabled).
+    """
+    if not cfg.enabled:
+        return images
+    _check_intensity(cfg)
+    if images.ndim != 5:
+        raise ValueError(f"intensity_augment: images must be (B, C, X, Y, Z), got shape {tuple(images.shape)}")
+    b, c = images.shape[:2]
+    total = b if global_batch is None else int(global_batch)
+    if sample_offset < 0 or sample_offset + b > total:
+        raise ValueError(f"intensity_augment: rows [{sample_offset}, {sample_offset + b}) outside a global batch of {total}")
+    u = torch.rand(total, c, _N_INTENSITY_DRAWS, generator=generator, dtype=torch.float64)[sample_offset:sample_offset + b]
+    seeds = torch.randint(0, 2**62, (total,), generator=generator)[sample_offset:sample_offset + b]
+
+    def pick(value: torch.Tensor, bounds: tuple[float, float]) -> float:
+        return float(bounds[0] + (bounds[1] - bounds[0]) * value)
+
+    out = images.clone()
+    spatial = images.shape[2:]
+    for i in range(b):
+        s = u[i, 0]  # per-sample coins live in channel 0's draws
+        if s[0] < cfg.p_noise:
+            std = pick(s[1], cfg.noise_variance) ** 0.5
+            gen = torch.Generator(device=images.device).manual_seed(int(seeds[i]))
+            out[i] += std * torch.randn(out[i].shape, generator=gen, device=images.device, dtype=out.dtype)
+        for ch in range(c):
+            d = u[i, ch]
+            x = out[i, ch]
+            if s[2] < cfg.p_blur and d[3] < cfg.p_blur_channel:
+                x = gaussian_blur(x, tuple(pick(d[k], cfg.blur_sigma) for k in (4, 5, 6)))
+            if s[7] < cfg.p_brightness:
+                x = x * pick(d[8], cfg.brightness_range)
+            if s[9] < cfg.p_contrast:
+                mean, lo, hi = x.mean(), x.min(), x.max()
+                x = ((x - mean) * pick(d[10], cfg.contrast_range) + mean).clamp(lo, hi)
+            if s[11] < cfg.p_low_res and d[12] < cfg.p_low_res_channel:
+                zoom = pick(d[13], cfg.low_res_zoom)
+                small = [max(1, round(n * zoom)) for n in spatial]
+                low = F.interpolate(x[None, None], size=small, mode="nearest")
+                x = F.interpolate(low, size=tuple(spatial), mode="trilinear", align_corners=False)[0, 0]
+            for coin, which, invert in ((cfg.p_gamma_inverted, 14, True), (cfg.p_gamma, 17, False)):
+                if s[which] < coin:
+                    lo, hi = cfg.gamma_range
+                    below = d[which + 1] < 0.5 and lo < 1  # nnU-Net: gamma < 1 half of the time
+                    gamma = pick(d[which + 2], (lo, min(hi, 1.0)) if below else (max(lo, 1.0), hi))
+                    x = _gamma(x, gamma, invert)
+            out[i, ch] = x
+    return out

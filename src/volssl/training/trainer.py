@@ -1,5 +1,8 @@
 """The pre-training loop shared by every method: ``pretrain(cfg, data_dir, out_dir, resume)``.
 
+:func:`run_loop` is the step loop itself (resume, logging, checkpoints, signals); ``pretrain`` plugs
+a method into it and ``volssl.finetuning.finetune`` a segmentation network and its loss.
+
 One step: fetch this rank's rows of the next global batch, augment them spatially
 (:mod:`volssl.training.augment`), run the method under autocast, back-propagate (through a gradient
 scaler for fp16), clip the gradient norm, update, move the lr schedule. A run directory holds::
@@ -42,7 +45,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from volssl.config import RunConfig, config_from_dict, config_to_dict
+from volssl.config import RunConfig, TrainConfig, config_from_dict, config_to_dict
 from volssl.training import distributed as D
 from volssl.training.augment import spatial_augment
 from volssl.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -168,14 +171,278 @@ class _Signals:
             signal.signal(sig, old)
 
 
-def _log(msg: str, info: D.DistInfo) -> None:
+def _log(msg: str, info: D.DistInfo, name: str = "pretrain") -> None:
     if info.is_main:
         from tqdm import tqdm
 
-        tqdm.write(f"volssl pretrain: {msg}", file=sys.stderr)
+        tqdm.write(f"volssl {name}: {msg}", file=sys.stderr)
+
+
+def check_train_config(tc: TrainConfig) -> None:
+    """ValueError naming the field unless the loop settings of ``tc`` are usable."""
+    if tc.steps <= 0:
+        raise ValueError(f"train.steps must be > 0, got {tc.steps}")
+    for name in ("log_every", "preview_every", "checkpoint_every"):
+        if getattr(tc, name) <= 0:
+            raise ValueError(f"train.{name} must be > 0, got {getattr(tc, name)}")
+    if tc.val_every < 0:
+        raise ValueError(f"train.val_every must be >= 0, got {tc.val_every}")
+
+
+def open_run(out: str | os.PathLike, config: dict[str, Any], resume: bool, info: D.DistInfo,
+             name: str = "pretrain", mutable: Iterable[str] = RESUME_MUTABLE) -> dict[str, Any] | None:
+    """The checkpoint a run in ``out`` continues from, or None for a new run.
+
+    ``resume``: load ``out/checkpoints/latest.pt`` (None if there is none) and check that its
+    ``"config"`` equals ``config`` except for the ``mutable`` dotted keys. Without ``resume`` an
+    existing ``latest.pt`` is an error (a run is never overwritten by accident).
+    """
+    latest = Path(out) / "checkpoints" / "latest.pt"
+    if resume and latest.is_file():
+        state = load_checkpoint(latest)
+        mutable = set(mutable)
+        diff = [k for k in _config_diff(state.get("config"), config) if k not in mutable]
+        if diff:
+            raise ValueError(f"{latest}: cannot resume with a different configuration; changed: {', '.join(diff)} "
+                             f"(only {', '.join(sorted(mutable))} may change)")
+        return state
+    if resume:
+        _log(f"--resume: no checkpoint in {latest.parent}; starting a new run", info, name)
+    elif latest.is_file():
+        raise ValueError(f"{out} already holds a run ({latest}); pass --resume to continue it or choose "
+                         "another output directory")
+    return None
+
+
+def seed_everything(seed: int, device: torch.device) -> None:
+    """Seed torch, NumPy and ``random`` (model initialisation); cuDNN autotuning on CUDA."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters of ``module`` with ``requires_grad`` (what the optimiser steps and clipping sees)."""
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+#: ``forward(model, batch, step) -> (loss, previews)``: one training step's loss (a scalar) for this
+#: rank's ``batch`` of global batch ``step``, run by the loop's ``model`` (DDP / compiled wrapper);
+#: ``previews`` maps names to ``(B, 1, *patch)`` tensors (see logging.py; {} for none).
+StepForward = Callable[[torch.nn.Module, dict, int], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
 
 
 # --------------------------------------------------------------------------- the loop
+def run_loop(
+    out: str | os.PathLike,
+    tc: TrainConfig,
+    *,
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: StepSchedule,
+    scaler: torch.amp.GradScaler,
+    batches: BatchFactory,
+    forward: StepForward,
+    payload: Callable[[str], dict[str, Any]],
+    config: dict[str, Any],
+    global_batch: int,
+    info: D.DistInfo,
+    device: torch.device,
+    state: dict[str, Any] | None = None,
+    state_key: str = "method_state",
+    grad_clip: float | None = None,
+    validate: Callable[[], float] | None = None,
+    on_step: Callable[[int], bool] | None = None,
+    name: str = "pretrain",
+    title: str = "",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The step loop shared by pre-training and fine-tuning: resume, steps, logs, checkpoints, signals.
+
+    Args:
+        out: the run directory (``config.json``, ``checkpoints/``, ``scalars.csv``, ``tb/``,
+            ``previews/``, ``summary.json``, ``STOPPED.json``).
+        tc: steps, precision, seed and the logging / checkpoint / validation intervals.
+        module: the (unwrapped) module on ``device`` whose trainable parameters ``optimizer`` steps;
+            it is wrapped for DDP (and ``torch.compile`` with ``tc.compile``) here.
+        optimizer, schedule, scaler: the optimiser over ``module``'s parameters, its per-step
+            schedule and the gradient scaler (:func:`make_scaler`).
+        batches: the :data:`BatchFactory`; resuming restarts it at ``start_batch = step``.
+        forward: see :data:`StepForward`; it seeds its own randomness with :func:`step_seed`, applies
+            augmentation and autocast (:func:`autocast_context`).
+        payload: ``payload(tag)`` -> the checkpoint fields of the caller (kind, network, config, ...);
+            the loop adds ``tag``, ``optimizer``, ``scheduler``, ``scaler``, ``step``,
+            ``data_position``, ``world_size``, ``rng`` and ``metrics``.
+        config: the run's configuration as a dict, written to ``out/config.json``.
+        global_batch: samples per step over all ranks (for ``samples_per_s``).
+        info, device: the data-parallel placement and this rank's device.
+        state: the checkpoint to resume from (:func:`open_run`): restores ``module`` from
+            ``state[state_key]``, the optimiser, schedule, scaler, RNG states, loss EMA and best.
+        grad_clip: max global gradient norm (None: none).
+        validate: returns a validation loss (lower is better) every ``tc.val_every`` steps; it
+            drives ``best.pt`` (else the smoothed training loss does).
+        on_step: called with the step index before every step; returns True when it changed which
+            parameters require gradients (the module is then re-wrapped and clipping sees the new set).
+        name: the command, for messages and the progress bar; ``title``: the preview title prefix.
+        progress: show a tqdm progress bar on stderr (rank 0).
+
+    Returns:
+        the summary (also written to ``out/summary.json``): ``status`` ("finished" / "stopped"),
+        ``signal``, ``step``, ``loss``, ``loss_ema``, ``best``, ``seconds`` and the paths written.
+    """
+    out = Path(out)
+    ckpt_dir = out / "checkpoints"
+    latest = ckpt_dir / "latest.pt"
+    start = 0
+    ema: torch.Tensor | None = None
+    best = math.inf
+    if state is not None:
+        module.load_state_dict(state[state_key])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        start = int(state["step"])
+        if start > tc.steps:
+            raise ValueError(f"{latest} is at step {start}, beyond train.steps={tc.steps}")
+        m = state.get("metrics") or {}
+        if m.get("loss_ema") is not None:
+            ema = torch.tensor(float(m["loss_ema"]), device=device)
+        best = float(m.get("best", math.inf))
+        _log(f"resuming {out} at step {start}", info, name)
+
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "config.json", config)
+        (out / "STOPPED.json").unlink(missing_ok=True)
+
+    def wrap() -> torch.nn.Module:
+        model = D.wrap_ddp(module, info, device)
+        return torch.compile(model) if tc.compile else model
+
+    if on_step is not None and start < tc.steps:
+        on_step(start)
+    model = wrap()
+    params = trainable_parameters(module)
+    logger = ScalarLogger(out, resume_step=start if start else None) if info.is_main else None
+
+    def checkpoint(tags: list[str], done: int, last_loss: float | None) -> None:
+        if info.is_main:
+            for tag in tags:
+                save_checkpoint(ckpt_dir / f"{tag}.pt", **payload(tag), tag=tag, optimizer=optimizer.state_dict(),
+                                scheduler=schedule.state_dict(), scaler=scaler.state_dict(), step=done,
+                                data_position=done, world_size=info.world_size, rng=rng_state(),
+                                metrics={"loss": last_loss, "loss_ema": None if ema is None else float(ema.item()),
+                                         "best": best})
+        D.barrier(info)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=tc.steps, initial=start, desc=name, unit="step", dynamic_ncols=True, file=sys.stderr,
+               disable=not (progress and info.is_main), smoothing=0.05)
+    summary: dict[str, Any] = {"status": "finished", "signal": None}
+    t0 = time.perf_counter()
+    t_window, n_window = time.perf_counter(), 0
+    done = start
+    last_loss: float | None = None
+    last_val: float | None = None
+    preview_dir = out / "previews"
+    model.train()
+    try:
+        with _Signals() as sig:
+            it: Iterator[dict] | None = iter(batches(start, info.rank, info.world_size))
+            for step in range(start, tc.steps):
+                if on_step is not None and step > start and on_step(step):
+                    model = wrap()
+                    model.train()
+                    params = trainable_parameters(module)
+                try:
+                    batch = next(it)
+                except (RuntimeError, StopIteration):
+                    if sig.received:  # a loader worker killed by the same signal
+                        break
+                    raise
+                schedule.set_step(step)
+                lr = schedule.last_lr
+                loss, previews = forward(model, batch, step)
+                if loss.ndim != 0:
+                    raise ValueError(f"{type(module).__name__}: the step loss must be a scalar, got shape "
+                                     f"{tuple(loss.shape)}")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                grad_norm = clip_gradients(params, grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                done = step + 1
+                schedule.set_step(done)
+                gloss = D.all_reduce_mean(loss.detach().float(), info)
+                ema = gloss.clone() if ema is None else EMA_DECAY * ema + (1 - EMA_DECAY) * gloss
+                n_window += 1
+                bar.update(1)
+
+                last = done == tc.steps
+                val = None
+                if validate is not None and tc.val_every > 0 and (done % tc.val_every == 0 or last):
+                    val = last_val = validate()
+                if done % tc.log_every == 0 or last:
+                    last_loss = float(gloss.item())
+                    if not math.isfinite(last_loss):
+                        raise FloatingPointError(f"loss is {last_loss} at step {done}; the last good checkpoint "
+                                                 f"is {latest if latest.is_file() else 'none'}")
+                    dt = (time.perf_counter() - t_window) / max(n_window, 1)
+                    t_window, n_window = time.perf_counter(), 0
+                    if logger is not None:
+                        logger.log(done, {"loss": last_loss, "loss_ema": float(ema.item()), "lr": lr,
+                                          "grad_norm": float(grad_norm.item()), "sec_per_step": dt,
+                                          "samples_per_s": global_batch / dt if dt > 0 else None,
+                                          "val_loss": val})
+                    bar.set_postfix(loss=f"{last_loss:.4f}", ema=f"{float(ema.item()):.4f}", lr=f"{lr:.2e}",
+                                    refresh=False)
+                if info.is_main and previews and (done % tc.preview_every == 0 or last):
+                    shown = {k: v[:2].detach().float().cpu() for k, v in previews.items()}
+                    rgb = save_preview(preview_dir / f"step_{done:06d}.png", shown, title=f"{title} step {done}")
+                    if logger is not None:
+                        logger.image("previews", rgb, done)
+                del loss, previews
+                if done % tc.checkpoint_every == 0 or last:
+                    criterion = last_val if validate is not None and tc.val_every > 0 else float(ema.item())
+                    tags = ["latest"]
+                    if criterion is not None and criterion < best:
+                        best = criterion
+                        tags.append("best")
+                    if last:
+                        tags.append("final")
+                    checkpoint(tags, done, last_loss)
+                if D.any_rank(sig.received is not None, info, device):
+                    break
+            it = None  # shut loader workers down before saving / exiting
+            if done < tc.steps:
+                summary.update(status="stopped", signal=sig.received or "SIGTERM")
+                checkpoint(["latest"], done, last_loss)
+                if info.is_main:
+                    write_json_atomic(out / "STOPPED.json", {"step": done, "signal": summary["signal"],
+                                                             "checkpoint": str(latest)})
+                _log(f"{summary['signal']}: saved step {done} to {latest}; run the same command with --resume "
+                     "to continue", info, name)
+    finally:
+        bar.close()
+        if logger is not None:
+            logger.close()
+
+    summary.update(
+        step=done, loss=last_loss, loss_ema=None if ema is None else float(ema.item()),
+        best=None if math.isinf(best) else best, seconds=time.perf_counter() - t0, run=str(out),
+        checkpoints=str(ckpt_dir), csv=str(out / "scalars.csv"), tensorboard=str(out / "tb"),
+        previews=str(preview_dir), config=str(out / "config.json"),
+    )
+    if info.is_main:
+        write_json_atomic(out / "summary.json", summary)
+    return summary
+
+
 def pretrain(
     cfg: RunConfig,
     data_dir: str | os.PathLike | None,
@@ -199,20 +466,12 @@ def pretrain(
 
     Returns:
         A summary dict: ``status`` ("finished" or "stopped"), ``signal``, ``step``, ``loss``,
-        ``loss_ema``, ``best``, ``seconds`` and the paths written.
+        ``loss_ema``, ``best``, ``seconds`` and the paths written (see :func:`run_loop`).
 
     Launch under ``torchrun`` for data parallelism: ``data.batch_size`` is the global batch.
     """
-    out = Path(out_dir)
-    ckpt_dir = out / "checkpoints"
     tc = cfg.train
-    if tc.steps <= 0:
-        raise ValueError(f"train.steps must be > 0, got {tc.steps}")
-    for name in ("log_every", "preview_every", "checkpoint_every"):
-        if getattr(tc, name) <= 0:
-            raise ValueError(f"train.{name} must be > 0, got {getattr(tc, name)}")
-    if tc.val_every < 0:
-        raise ValueError(f"train.val_every must be >= 0, got {tc.val_every}")
+    check_train_config(tc)
     if data_dir is None and batches is None:
         raise ValueError("pretrain: give data_dir (a preprocessed dataset) or a batches factory")
 
@@ -221,27 +480,8 @@ def pretrain(
     info = D.init_distributed(device)
     device = resolve_device(tc.device, info)
     offset, local_b = D.local_rows(cfg.data.batch_size, info)
-
-    # ---- resume or start -------------------------------------------------------------------
-    latest = ckpt_dir / "latest.pt"
-    state = None
-    if resume and latest.is_file():
-        state = load_checkpoint(latest)
-        diff = [k for k in _config_diff(state["config"], config_to_dict(cfg)) if k not in RESUME_MUTABLE]
-        if diff:
-            raise ValueError(f"{latest}: cannot resume with a different configuration; changed: {', '.join(diff)} "
-                             f"(only {', '.join(sorted(RESUME_MUTABLE))} may change)")
-    elif resume:
-        _log(f"--resume: no checkpoint in {ckpt_dir}; starting a new run", info)
-    elif latest.is_file():
-        raise ValueError(f"{out} already holds a run ({latest}); pass --resume to continue it or choose "
-                         "another output directory")
-
-    torch.manual_seed(tc.seed)
-    np.random.seed(tc.seed % 2**32)
-    random.seed(tc.seed)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    state = open_run(out_dir, config_to_dict(cfg), resume, info)
+    seed_everything(tc.seed, device)
 
     if method is None:
         from volssl.methods import build_method
@@ -253,65 +493,39 @@ def pretrain(
         batches, plan = _default_batches(cfg, data_dir, pin_memory=device.type == "cuda")
     elif data_dir is not None and (Path(data_dir) / "plan.json").is_file():
         plan = json.loads((Path(data_dir) / "plan.json").read_text())
+    if plan is None and state is not None:
+        plan = state.get("plan")
 
-    params = [p for p in raw.parameters() if p.requires_grad]
+    params = trainable_parameters(raw)
     optimizer = build_optimizer(params, cfg.optim)
     schedule = StepSchedule(optimizer, tc.steps, cfg.optim)
     scaler = make_scaler(tc.precision, device)
-    start = 0
-    ema: torch.Tensor | None = None
-    best = math.inf
-    if state is not None:
-        raw.load_state_dict(state["method_state"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        start = int(state["step"])
-        if start > tc.steps:
-            raise ValueError(f"{latest} is at step {start}, beyond train.steps={tc.steps}")
-        m = state.get("metrics") or {}
-        if m.get("loss_ema") is not None:
-            ema = torch.tensor(float(m["loss_ema"]), device=device)
-        best = float(m.get("best", math.inf))
-        if plan is None:
-            plan = state.get("plan")
-        _log(f"resuming {out} at step {start}", info)
-    del state
-
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / "config.json", config_to_dict(cfg))  # the format of config.save_config
-        (out / "STOPPED.json").unlink(missing_ok=True)
-    model = D.wrap_ddp(raw, info, device)
-    if tc.compile:
-        model = torch.compile(model)
     rows_kw = _accepts_rows(raw)
     if not rows_kw and info.enabled:
         _log("the method's forward() lacks sample_offset/global_batch: masks are drawn per rank, so "
              "multi-process losses will differ from a single process (see docs/design.md)", info)
     fwd_kw = {"sample_offset": offset, "global_batch": cfg.data.batch_size} if rows_kw else {}
-
-    logger = ScalarLogger(out, resume_step=start if start else None) if info.is_main else None
     n_params = sum(p.numel() for p in params)
     _log(f"{cfg.method.name} on {device} x{info.world_size}, {n_params / 1e6:.2f}M trainable parameters, "
          f"global batch {cfg.data.batch_size}, patch {tuple(cfg.data.patch_size)}, {tc.precision}, "
-         f"steps {start}->{tc.steps}; run: {out}", info)
+         f"steps {int(state['step']) if state else 0}->{tc.steps}; run: {out_dir}", info)
 
-    def payload(tag: str, done: int, last_loss: float | None) -> dict[str, Any]:
-        return dict(
-            kind="pretrain", tag=tag, config=config_to_dict(cfg), model=config_to_dict(cfg.model),
-            network=raw.transfer_state_dict(), encoder_keys="encoder.", method_state=raw.state_dict(),
-            optimizer=optimizer.state_dict(), scheduler=schedule.state_dict(), scaler=scaler.state_dict(),
-            step=done, data_position=done, world_size=info.world_size, rng=rng_state(), plan=plan,
-            metrics={"loss": last_loss, "loss_ema": None if ema is None else float(ema.item()), "best": best},
-        )
+    def forward(model: torch.nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
+        images = batch["image"].to(device, non_blocking=True).float()
+        if images.ndim != 5 or images.shape[0] != local_b:
+            raise ValueError(f"batch 'image' must be ({local_b}, C, X, Y, Z) per rank, got {tuple(images.shape)}")
+        torch.manual_seed(step_seed(tc.seed, step, 0 if rows_kw else 1000 + info.rank))
+        gen = torch.Generator().manual_seed(step_seed(tc.seed, step, AUGMENT_STREAM))
+        with torch.no_grad():
+            images = spatial_augment(images, cfg.augment, gen, offset, cfg.data.batch_size)
+        with autocast_context(tc.precision, device):
+            result = model(images, **fwd_kw)
+        return result.loss, result.previews or {}
 
-    def checkpoint(tags: list[str], done: int, last_loss: float | None) -> None:
-        if info.is_main:
-            for tag in tags:
-                save_checkpoint(ckpt_dir / f"{tag}.pt", **payload(tag, done, last_loss))
-        D.barrier(info)
+    def payload(tag: str) -> dict[str, Any]:
+        return dict(kind="pretrain", config=config_to_dict(cfg), model=config_to_dict(cfg.model),
+                    network=raw.transfer_state_dict(), encoder_keys="encoder.", method_state=raw.state_dict(),
+                    plan=plan)
 
     val_data: list[torch.Tensor] = []
     if tc.val_every > 0:  # a fixed, low-noise loss estimate: the first batches of the stream, no augmentation
@@ -328,115 +542,11 @@ def pretrain(
         torch.manual_seed(step_seed(tc.seed, 0))  # the training steps reseed anyway
         return float(D.all_reduce_mean(torch.stack(losses).mean(), info).item())
 
-    from tqdm import tqdm
-
-    bar = tqdm(total=tc.steps, initial=start, desc="pretrain", unit="step", dynamic_ncols=True, file=sys.stderr,
-               disable=not (progress and info.is_main), smoothing=0.05)
-    summary: dict[str, Any] = {"status": "finished", "signal": None}
-    t0 = time.perf_counter()
-    t_window, n_window = time.perf_counter(), 0
-    done = start
-    last_loss: float | None = None
-    last_val: float | None = None
-    preview_dir = out / "previews"
-    model.train()
-    try:
-        with _Signals() as sig:
-            it: Iterator[dict] | None = iter(batches(start, info.rank, info.world_size))
-            for step in range(start, tc.steps):
-                try:
-                    batch = next(it)
-                except (RuntimeError, StopIteration):
-                    if sig.received:  # a loader worker killed by the same signal
-                        break
-                    raise
-                images = batch["image"].to(device, non_blocking=True).float()
-                if images.ndim != 5 or images.shape[0] != local_b:
-                    raise ValueError(f"batch 'image' must be ({local_b}, C, X, Y, Z) per rank, got {tuple(images.shape)}")
-                torch.manual_seed(step_seed(tc.seed, step, 0 if rows_kw else 1000 + info.rank))
-                gen = torch.Generator().manual_seed(step_seed(tc.seed, step, AUGMENT_STREAM))
-                with torch.no_grad():
-                    images = spatial_augment(images, cfg.augment, gen, offset, cfg.data.batch_size)
-                schedule.set_step(step)
-                lr = schedule.last_lr
-                with autocast_context(tc.precision, device):
-                    result = model(images, **fwd_kw)
-                loss = result.loss
-                if loss.ndim != 0:
-                    raise ValueError(f"{type(raw).__name__}.forward must return a scalar loss, got shape {tuple(loss.shape)}")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                grad_norm = clip_gradients(params, cfg.optim.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                done = step + 1
-                schedule.set_step(done)
-                gloss = D.all_reduce_mean(loss.detach().float(), info)
-                ema = gloss.clone() if ema is None else EMA_DECAY * ema + (1 - EMA_DECAY) * gloss
-                n_window += 1
-                bar.update(1)
-
-                last = done == tc.steps
-                val = None
-                if tc.val_every > 0 and (done % tc.val_every == 0 or last):
-                    val = last_val = val_loss()
-                if done % tc.log_every == 0 or last:
-                    last_loss = float(gloss.item())
-                    if not math.isfinite(last_loss):
-                        raise FloatingPointError(f"loss is {last_loss} at step {done}; the last good checkpoint "
-                                                 f"is {latest if latest.is_file() else 'none'}")
-                    dt = (time.perf_counter() - t_window) / max(n_window, 1)
-                    t_window, n_window = time.perf_counter(), 0
-                    if logger is not None:
-                        logger.log(done, {"loss": last_loss, "loss_ema": float(ema.item()), "lr": lr,
-                                          "grad_norm": float(grad_norm.item()), "sec_per_step": dt,
-                                          "samples_per_s": cfg.data.batch_size / dt if dt > 0 else None,
-                                          "val_loss": val})
-                    bar.set_postfix(loss=f"{last_loss:.4f}", ema=f"{float(ema.item()):.4f}", lr=f"{lr:.2e}",
-                                    refresh=False)
-                if info.is_main and (done % tc.preview_every == 0 or last):
-                    previews = {k: v[:2].detach().float().cpu() for k, v in (result.previews or {}).items()}
-                    if previews:
-                        rgb = save_preview(preview_dir / f"step_{done:06d}.png", previews,
-                                           title=f"{cfg.method.name} step {done}")
-                        if logger is not None:
-                            logger.image("previews", rgb, done)
-                del result, loss
-                if done % tc.checkpoint_every == 0 or last:
-                    criterion = last_val if tc.val_every > 0 else float(ema.item())
-                    tags = ["latest"]
-                    if criterion is not None and criterion < best:
-                        best = criterion
-                        tags.append("best")
-                    if last:
-                        tags.append("final")
-                    checkpoint(tags, done, last_loss)
-                if D.any_rank(sig.received is not None, info, device):
-                    break
-            it = None  # shut loader workers down before saving / exiting
-            if done < tc.steps:
-                summary.update(status="stopped", signal=sig.received or "SIGTERM")
-                checkpoint(["latest"], done, last_loss)
-                if info.is_main:
-                    write_json_atomic(out / "STOPPED.json", {"step": done, "signal": summary["signal"],
-                                                             "checkpoint": str(latest)})
-                _log(f"{summary['signal']}: saved step {done} to {latest}; run the same command with --resume "
-                     "to continue", info)
-    finally:
-        bar.close()
-        if logger is not None:
-            logger.close()
-
-    summary.update(
-        step=done, loss=last_loss, loss_ema=None if ema is None else float(ema.item()),
-        best=None if math.isinf(best) else best, seconds=time.perf_counter() - t0, run=str(out),
-        checkpoints=str(ckpt_dir), csv=str(out / "scalars.csv"), tensorboard=str(out / "tb"),
-        previews=str(preview_dir), config=str(out / "config.json"),
-    )
-    if info.is_main:
-        write_json_atomic(out / "summary.json", summary)
-    return summary
+    return run_loop(out_dir, tc, module=raw, optimizer=optimizer, schedule=schedule, scaler=scaler, batches=batches,
+                    forward=forward, payload=payload, config=config_to_dict(cfg), global_batch=cfg.data.batch_size,
+                    info=info, device=device, state=state, state_key="method_state", grad_clip=cfg.optim.grad_clip,
+                    validate=val_loss if tc.val_every > 0 else None, name="pretrain", title=cfg.method.name,
+                    progress=progress)
 
 
 def load_run_config(run_dir: str | os.PathLike) -> RunConfig:

@@ -1,0 +1,460 @@
+"""``volssl finetune``: fine-tune a pre-trained checkpoint (or train from scratch) on a labelled dataset.
+
+Steps of :func:`finetune`:
+
+1. the recipe (:mod:`volssl.finetuning.recipes`) with overrides, and the pre-training checkpoint
+   (a ``.pt`` file or a pre-training run directory: ``checkpoints/final.pt``, else ``latest.pt``;
+   ``None`` / ``"none"`` trains from scratch);
+2. the data, in the paper's "fixed" setting: an nnU-Net v2 raw dataset is preprocessed with the
+   checkpoint's plan (spacing, normalisation; :func:`volssl.data.preprocess.preprocess`) into
+   ``OUT/preprocessed`` or a shared ``preprocessed_dir`` (file-locked, reused across runs). Only the
+   structural quality rules apply: a labelled case is never dropped for a small field of view or
+   file. An already preprocessed dataset must have been preprocessed the same way (same spacing,
+   normalisation, clipping, cropping, anisotropy and label interpolation), else it is refused. A
+   checkpoint without a plan (imported) uses the S3D plan; from scratch, the recipe's ``plan``;
+3. ``OUT/splits.json``: 5 folds by subject and the run's training subset (:mod:`.splits`);
+4. the network: the checkpoint's architecture with the dataset's input channels and classes;
+   pre-trained weights moved per the recipe (:mod:`.transfer`; the multi-channel stem replicated);
+5. the loop (:func:`volssl.training.trainer.run_loop`, shared with pre-training: exact resume,
+   signals, logs, checkpoints): foreground-oversampled labelled patches, spatial augmentation of
+   images and labels (plus nnU-Net-like intensity augmentation from scratch), Dice + CE with
+   optional deep supervision, SGD with the stages' trainable parameters and learning rates.
+
+A fine-tuning run directory holds::
+
+    FT/run.json                 {"method", "dataset", "n_train", "seed", "fold", "pretrained", ...}
+    FT/splits.json              folds, this run's training / validation / test cases
+    FT/config.json              the run's configuration (recipe + data arguments)
+    FT/checkpoints/{latest,best,final}.pt   kind "finetune" (docs/design.md, "Fine-tuned model")
+    FT/scalars.csv, FT/tb/      loss, lr, grad norm, validation loss (Dice + CE on fixed val patches)
+    FT/summary.json, FT/STOPPED.json, FT/preprocessed/ (unless preprocessed_dir)
+
+``volssl predict --model FT ...`` loads ``final.pt`` (else ``best.pt``); prediction and
+evaluation are separate commands. ``best.pt`` is the lowest validation loss when
+``train.val_every > 0`` and the fold has validation cases.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from volssl.config import ModelConfig, config_from_dict, config_to_dict
+from volssl.finetuning.losses import LabelMap, deep_supervision_loss
+from volssl.finetuning.recipes import lr_at_step, resolve_recipe, stage_at
+from volssl.finetuning.splits import make_splits, save_splits
+from volssl.finetuning.transfer import TransferReport, set_trainable, trainable_names, transfer_weights
+from volssl.training import distributed as D
+from volssl.training.augment import intensity_augment, spatial_augment
+from volssl.training.checkpoint import load_checkpoint
+from volssl.training.optim import StepSchedule, build_optimizer
+from volssl.training.trainer import (
+    AUGMENT_STREAM, RESUME_MUTABLE, VAL_BATCHES, VAL_STREAM, autocast_context, check_train_config, make_scaler,
+    open_run, resolve_device, run_loop, seed_everything, step_seed,
+)
+from volssl.util.atomic import write_json_atomic
+
+PRETRAIN_CHECKPOINTS = ("final.pt", "latest.pt")
+SOURCE_KINDS = ("pretrain", "import")
+#: plan fields that change the preprocessed arrays (a preprocessed dataset must match them)
+ARRAY_PLAN_KEYS = ("target_spacing", "clip_percentiles", "normalization", "crop_nonzero", "anisotropy_threshold",
+                   "label_interpolation")
+#: configuration keys that may change when a run is resumed
+FINETUNE_MUTABLE = {f"recipe.{k}" for k in RESUME_MUTABLE if k.startswith("train.")} | {
+    "recipe.description", "recipe.num_workers"}
+
+
+def _say(msg: str, info: D.DistInfo | None = None) -> None:
+    if info is None or info.is_main:
+        from tqdm import tqdm
+
+        tqdm.write(f"volssl finetune: {msg}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- the pre-trained model
+@dataclasses.dataclass
+class Source:
+    """A pre-training checkpoint as fine-tuning uses it."""
+
+    path: str
+    kind: str
+    method: str  # the pre-training method ("s3d", ...; "nnssl" for an import)
+    step: int
+    model: ModelConfig
+    network: dict[str, torch.Tensor]
+    plan: dict[str, Any] | None  # the plan.json of the pre-training data (None: imported)
+    patch_size: tuple[int, int, int] | None
+
+
+def resolve_source(path: str | os.PathLike) -> Path:
+    """A checkpoint file, or a pre-training run directory's ``checkpoints/final.pt`` (else ``latest.pt``)."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return path.resolve()
+    if path.is_dir():
+        for folder in (path / "checkpoints", path):
+            for name in PRETRAIN_CHECKPOINTS:
+                if (folder / name).is_file():
+                    return (folder / name).resolve()
+        raise FileNotFoundError(f"{path}: no pre-training checkpoint (looked for checkpoints/final.pt, latest.pt)")
+    raise FileNotFoundError(f"checkpoint not found: {path}")
+
+
+def load_source(checkpoint: str | os.PathLike | None) -> Source | None:
+    """The pre-trained model of ``checkpoint`` (None or "none": training from scratch)."""
+    if checkpoint is None or str(checkpoint).lower() == "none":
+        return None
+    file = resolve_source(checkpoint)
+    data = load_checkpoint(file)
+    kind = data.get("kind")
+    if kind not in SOURCE_KINDS:
+        raise ValueError(f"{file}: a {kind!r} checkpoint; fine-tuning starts from a pre-training ('pretrain') or "
+                         "imported ('import') checkpoint")
+    if not isinstance(data.get("network"), dict) or not isinstance(data.get("model"), dict):
+        raise ValueError(f"{file}: checkpoint lacks the 'network' state dict or the 'model' configuration")
+    try:
+        model = config_from_dict({"model": data["model"]}).model
+    except ValueError as e:
+        raise ValueError(f"{file}: bad 'model' configuration: {e}") from None
+    config = data.get("config") or {}
+    patch = (config.get("data") or {}).get("patch_size")
+    method = (config.get("method") or {}).get("name") or "none"
+    if kind == "import" or method == "none":
+        method = str((data.get("source") or {}).get("format") or "import")
+    return Source(path=str(file), kind=kind, method=method, step=int(data.get("step") or 0), model=model,
+                  network=data["network"], plan=data.get("plan"),
+                  patch_size=tuple(int(p) for p in patch) if patch else None)
+
+
+# --------------------------------------------------------------------------- the data
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """An exclusive lock on ``folder/.volssl-preprocess.lock`` (runs sharing a preprocessed dir)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".volssl-preprocess.lock", "w") as fh:
+        try:
+            import fcntl
+
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        except ImportError:  # pragma: no cover - not POSIX
+            pass
+        yield
+
+
+def finetune_plan(plan: dict[str, Any]):
+    """The :class:`~volssl.data.preprocess.PreprocessPlan` of a pre-training plan dict for labelled
+    data: the same arrays, only the structural quality rules (no case dropped for FOV/spacing/size)."""
+    from volssl.data.preprocess import PreprocessPlan
+    from volssl.data.quality import QualityRules
+
+    fixed = PreprocessPlan.from_dict(plan)
+    fixed.rules = QualityRules(min_fov_mm=None, max_spacing_mm=None, min_file_bytes=None,
+                               affine_atol_mm=fixed.rules.affine_atol_mm)
+    return fixed
+
+
+def check_plan(found: dict[str, Any], wanted: dict[str, Any], where: str) -> None:
+    """ValueError unless ``found`` preprocesses arrays as ``wanted`` does (:data:`ARRAY_PLAN_KEYS`)."""
+    from volssl.data.preprocess import PreprocessPlan
+
+    a, b = PreprocessPlan.from_dict(found).to_dict(), PreprocessPlan.from_dict(wanted).to_dict()
+    diff = [k for k in ARRAY_PLAN_KEYS if a.get(k) != b.get(k)]
+    if diff:
+        detail = "; ".join(f"{k}: {a.get(k)!r} here, {b.get(k)!r} wanted" for k in diff)
+        raise ValueError(f"{where} was preprocessed with another plan ({detail}); fine-tuning uses the "
+                         "checkpoint's plan (the paper's fixed setting): pass the raw nnU-Net dataset instead")
+
+
+def dataset_meta(root: Path, records: Sequence[Any]) -> dict[str, Any]:
+    """``{"labels", "channels", "instance", "name"}`` of a preprocessed dataset: from a ``dataset.json``
+    in ``root``, else the raw dataset's (found through the cases' source paths), else derived from
+    the stored label values ("label_1", ...)."""
+    candidates = [root / "dataset.json"]
+    for rec in records[:1]:
+        if rec.source:
+            candidates.append(Path(rec.source[0]).parent.parent / "dataset.json")
+    for path in candidates:
+        if path.is_file():
+            meta = json.loads(path.read_text())
+            names = meta.get("channel_names") or meta.get("modality") or {}
+            channels = [str(names[k]) for k in sorted(names, key=lambda k: int(k))] if isinstance(names, dict) else []
+            if isinstance(meta.get("labels"), dict) and channels:
+                return {"labels": meta["labels"], "channels": channels,
+                        "name": str(meta.get("volssl_dataset") or path.parent.name),
+                        "instance": bool(meta.get("instance_labels", False)), "dataset_json": str(path)}
+    from volssl.data.dataset import PreprocessedDataset
+
+    ds = PreprocessedDataset(root)
+    values = sorted({int(v) for r in records if r.has_label for v in (ds.props(r.id).get("label_values") or [])} | {0})
+    labels = {("background" if v == 0 else f"label_{v}"): v for v in values}
+    channels = list(records[0].channels) if records else []
+    return {"labels": labels, "channels": channels, "instance": False, "name": root.name, "dataset_json": None}
+
+
+def prepare_dataset(dataset: str | os.PathLike, plan: dict[str, Any], out: Path,
+                    preprocessed_dir: str | os.PathLike | None = None, workers: int = 1, progress: bool = True,
+                    info: D.DistInfo | None = None, check: bool = True) -> Path:
+    """The preprocessed dataset to fine-tune on (see the module docstring, step 2); returns its root.
+
+    ``dataset``: an nnU-Net v2 raw dataset (preprocessed here with ``plan``, rank 0 only, under a
+    lock) or a preprocessed one (checked against ``plan`` when ``check``).
+    """
+    from volssl.data.preprocess import preprocess
+    from volssl.data.readers import is_nnunet_dataset
+
+    info = info or D.DistInfo()
+    src = Path(dataset).expanduser()
+    if not src.exists():
+        raise FileNotFoundError(f"dataset not found: {src}")
+    if (src / "plan.json").is_file():
+        if check:
+            check_plan(json.loads((src / "plan.json").read_text()), plan, str(src))
+        return src.resolve()
+    if not is_nnunet_dataset(src):
+        raise ValueError(f"{src} is neither an nnU-Net v2 raw dataset (dataset.json + imagesTr) nor a preprocessed "
+                         "volssl dataset (plan.json)")
+    root = Path(preprocessed_dir).expanduser() if preprocessed_dir else out / "preprocessed"
+    if info.is_main:
+        with _locked(root):
+            if (root / "plan.json").is_file():
+                check_plan(json.loads((root / "plan.json").read_text()), plan, str(root))
+            _say(f"preprocessing {src} with the {plan.get('name', '?')!r} plan -> {root} (cases already there "
+                 "are skipped)", info)
+            summary = preprocess(src, root, plan=finetune_plan(plan), workers=workers, progress=progress)
+            if summary.n_excluded:
+                _say(f"{summary.n_excluded} case(s) excluded (unreadable or inconsistent); see {summary.report}", info)
+            meta = json.loads((src / "dataset.json").read_text())
+            write_json_atomic(root / "dataset.json", {**meta, "volssl_dataset": src.resolve().name})
+    D.barrier(info)
+    return root.resolve()
+
+
+# --------------------------------------------------------------------------- the run
+def _method_name(source: Source | None, recipe: str) -> str:
+    base = recipe[: -len("-tiny")] if recipe.endswith("-tiny") else recipe
+    if source is None:
+        return base
+    suffix = base[len("s3d-"):] if base.startswith("s3d-") else base
+    return source.method if base == "s3d" else f"{source.method}+{suffix}"
+
+
+def finetune(
+    checkpoint: str | os.PathLike | None,
+    dataset: str | os.PathLike,
+    out: str | os.PathLike,
+    recipe: str = "s3d",
+    fold: int = 0,
+    n_train: int | None = None,
+    fraction: float | None = None,
+    seed: int = 0,
+    preprocessed_dir: str | os.PathLike | None = None,
+    overrides: Sequence[str] | None = None,
+    progress: bool = True,
+    *,
+    resume: bool = False,
+    split_seed: int = 0,
+    n_folds: int = 5,
+    stage_steps: Sequence[int] | None = None,
+    method_name: str | None = None,
+    workers: int = 1,
+) -> dict[str, Any]:
+    """Fine-tune ``checkpoint`` on ``dataset`` with ``recipe``, writing the run to ``out``.
+
+    Args:
+        checkpoint: a pre-training (or imported) checkpoint file or run directory; None / "none":
+            random initialisation (recipes with ``transfer="none"``, e.g. ``scratch``).
+        dataset: an nnU-Net v2 raw dataset or a dataset preprocessed with the checkpoint's plan.
+        out: the run directory.
+        recipe: a name from :func:`volssl.finetuning.recipes.list_recipes`.
+        fold: the cross-validation fold (``0 <= fold < n_folds``).
+        n_train / fraction: train on a seeded subset of the fold's training cases (None: all).
+        seed: the run seed (subset, initialisation, patches, augmentation).
+        preprocessed_dir: where a raw dataset is preprocessed (shared between runs; default
+            ``out/preprocessed``).
+        overrides: ``key=value`` recipe overrides (``optim.lr=1e-2``, ``stages.2.steps=1000``, ``plan=amaes``,
+            ``arch=resenc-s``, ``train.device=cuda``, ...).
+        progress: progress bars on stderr.
+        resume: continue ``out/checkpoints/latest.pt`` (same arguments required).
+        split_seed, n_folds: the folds (the same for every method and seed by default).
+        stage_steps: the length of each stage, in order (instead of ``stages.K.steps`` overrides).
+        method_name: the ``method`` of run.json (default: the pre-training method, plus the recipe
+            when it is not ``s3d``; the recipe name from scratch).
+        workers: preprocessing processes.
+
+    Returns:
+        the loop's summary (:func:`volssl.training.trainer.run_loop`) plus ``run_json``, ``splits``,
+        ``preprocessed``, ``recipe``, ``method``, ``n_train`` and ``transfer`` (the transfer report).
+    """
+    cfg = resolve_recipe(recipe, overrides, stage_steps, seed)
+    tc = cfg.train
+    check_train_config(tc)
+    out = Path(out)
+    source = load_source(checkpoint)
+    if source is None and cfg.transfer != "none":
+        raise ValueError(f"recipe {recipe!r} transfers pre-trained weights (transfer={cfg.transfer!r}); give a "
+                         "checkpoint, or train from scratch with a scratch recipe")
+    if source is not None and cfg.transfer == "none":
+        raise ValueError(f"recipe {recipe!r} trains from scratch; use --checkpoint none (or a fine-tuning recipe "
+                         "such as s3d)")
+    if source is not None and cfg.arch and cfg.arch != source.model.arch:
+        raise ValueError(f"arch={cfg.arch!r} but the checkpoint is a {source.model.arch!r} network")
+    device = resolve_device(tc.device)
+    autocast_context(tc.precision, device)
+    info = D.init_distributed(device)
+    device = resolve_device(tc.device, info)
+    offset, local_b = D.local_rows(cfg.batch_size, info)
+    config = {"recipe": config_to_dict(cfg), "checkpoint": source.path if source else None,
+              "dataset": str(Path(dataset).expanduser().resolve()), "fold": int(fold), "n_train": n_train,
+              "fraction": fraction, "split_seed": int(split_seed), "n_folds": int(n_folds)}
+    state = open_run(out, config, resume, info, name="finetune", mutable=FINETUNE_MUTABLE)
+
+    # ---- data -----------------------------------------------------------------------------
+    from volssl.data.preprocess import get_plan
+
+    plan = source.plan if source is not None else get_plan(cfg.plan).to_dict()
+    if plan is None:
+        _say(f"{source.path} carries no preprocessing plan ({source.kind}); using the S3D plan", info)
+        plan = get_plan("s3d").to_dict()
+    # a preprocessed dataset must match the checkpoint's plan; from scratch its own plan is used
+    # unless a plan was asked for explicitly
+    explicit_plan = any(o.strip().startswith("plan=") for o in overrides or [])
+    root = prepare_dataset(dataset, plan, out, preprocessed_dir, workers, progress, info,
+                           check=source is not None or explicit_plan)
+    from volssl.data.dataset import PreprocessedDataset
+    from volssl.data.patches import PatchSampler, make_loader
+
+    data = PreprocessedDataset(root)
+    splits = make_splits(data.cases, fold, n_train, fraction, seed, split_seed, n_folds)
+    by_id = {r.id: r for r in data.cases}
+    meta = dataset_meta(root, [by_id[c] for c in splits["train"] + splits["val"]] or data.cases)
+    labels, channels = dict(meta["labels"]), list(meta["channels"])
+    label_map = LabelMap(labels, meta["instance"])
+    for case in splits["train"] + splits["val"]:
+        rec = by_id[case]
+        if rec.shape and int(rec.shape[0]) != len(channels):
+            raise ValueError(f"{root}: case {case} has {rec.shape[0]} channel(s), the dataset declares {channels}")
+        bad = label_map.unknown(data.props(case).get("label_values") or [])
+        if bad:
+            raise ValueError(f"{data.label_path(case)}: label values {bad} are not declared in the dataset's labels "
+                             f"{labels}")
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_splits(out / "splits.json", splits)
+
+    # ---- network ----------------------------------------------------------------------------
+    seed_everything(tc.seed, device)
+    base = source.model if source is not None else ModelConfig(arch=cfg.arch or "resenc-l")
+    model_cfg = dataclasses.replace(base, in_channels=len(channels), out_channels=label_map.n_classes)
+    from volssl.models.registry import build_model
+
+    network = build_model(model_cfg)
+    if not hasattr(network, "encoder") or not hasattr(network, "decoder"):
+        raise ValueError(f"fine-tuning needs an encoder/decoder network, {model_cfg.arch!r} is not one")
+    network.deep_supervision = cfg.deep_supervision
+    report = TransferReport(new=sorted(network.state_dict()))
+    if source is not None:
+        report = transfer_weights(network, source.network, cfg.transfer, cfg.stem_init, where=source.path)
+        _say(f"{source.path} (step {source.step}): {report.summary()}", info)
+        source.network = {}  # the weights now live in the network
+    patch = tuple(int(p) for p in (cfg.patch_size or (source.patch_size if source else None) or ()))
+    if len(patch) != 3:
+        raise ValueError("no patch size: the checkpoint does not record its pre-training patch; set patch_size=X,Y,Z")
+    stride = network.encoder.total_stride
+    if any(p % stride for p in patch):
+        raise ValueError(f"patch {patch} is not divisible by the network's total stride {stride}")
+    network = network.to(device)
+
+    # ---- optimisation -------------------------------------------------------------------------
+    names = set(trainable_names(network, "all", deep_supervision=cfg.deep_supervision))
+    params = [p for n, p in network.named_parameters() if n in names]
+    optimizer = build_optimizer(params, cfg.optim)
+    schedule = StepSchedule(optimizer, tc.steps, cfg.optim, lr_fn=lambda s: lr_at_step(cfg, s))
+    scaler = make_scaler(tc.precision, device)
+
+    def on_step(step: int) -> bool:
+        k, local = stage_at(cfg, step)
+        stage = cfg.stages[k]
+        changed = set_trainable(network, stage.trainable, cfg.train_stem_with_decoder, cfg.deep_supervision)
+        if changed or local == 0:
+            n = sum(p.numel() for p in network.parameters() if p.requires_grad)
+            _say(f"stage {k + 1}/{len(cfg.stages)} {stage.name!r} at step {step}: {stage.steps} steps, "
+                 f"{stage.trainable} trainable ({n / 1e6:.2f}M parameters), lr {stage.lr}", info)
+        return changed
+
+    sampler = PatchSampler(data, patch, foreground_prob=cfg.foreground_prob, seed=tc.seed, channel_mode="all",
+                           with_labels=True, cases=splits["train"])
+
+    def batches(start: int, rank: int, world: int):
+        return make_loader(sampler, cfg.batch_size, cfg.num_workers, start_batch=start, rank=rank, world_size=world,
+                           pin_memory=device.type == "cuda")
+
+    def forward(model: torch.nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
+        images = batch["image"].to(device, non_blocking=True).float()
+        target = batch["label"].to(device, non_blocking=True)
+        if images.ndim != 5 or images.shape[0] != local_b or images.shape[1] != len(channels):
+            raise ValueError(f"batch 'image' must be ({local_b}, {len(channels)}, X, Y, Z) per rank, got "
+                             f"{tuple(images.shape)}")
+        torch.manual_seed(step_seed(tc.seed, step))
+        gen = torch.Generator().manual_seed(step_seed(tc.seed, step, AUGMENT_STREAM))
+        with torch.no_grad():
+            images, target = spatial_augment(images, cfg.augment, gen, offset, cfg.batch_size, labels=target)
+            images = intensity_augment(images, cfg.intensity, gen, offset, cfg.batch_size)
+            target = label_map(target)
+        with autocast_context(tc.precision, device):
+            outputs = model(images)
+        return deep_supervision_loss(outputs, target), {}
+
+    validate = None
+    if tc.val_every > 0 and splits["val"]:
+        val_sampler = PatchSampler(data, patch, foreground_prob=cfg.foreground_prob,
+                                   seed=step_seed(tc.seed, 0, VAL_STREAM), channel_mode="all", with_labels=True,
+                                   cases=splits["val"])
+        it0 = iter(make_loader(val_sampler, cfg.batch_size, 0, rank=info.rank, world_size=info.world_size))
+        val_data = [next(it0) for _ in range(VAL_BATCHES)]
+        del it0
+
+        def validate() -> float:
+            losses = []
+            with torch.no_grad():
+                for b in val_data:
+                    with autocast_context(tc.precision, device):
+                        outputs = network(b["image"].to(device).float())
+                    losses.append(deep_supervision_loss(outputs, label_map(b["label"].to(device))).detach())
+            return float(D.all_reduce_mean(torch.stack(losses).mean(), info).item())
+
+    pretrained = None if source is None else {"checkpoint": source.path, "kind": source.kind,
+                                              "method": source.method, "step": source.step}
+
+    def payload(tag: str) -> dict[str, Any]:
+        return dict(kind="finetune", model=config_to_dict(model_cfg), network=network.state_dict(), plan=data.plan,
+                    labels=labels, channels=channels, patch_size=list(patch), deep_supervision=cfg.deep_supervision,
+                    config=config, recipe=cfg.name, pretrained=pretrained, transfer=report.to_dict(),
+                    fold=int(fold), n_train=len(splits["train"]))
+
+    method = method_name or _method_name(source, cfg.name)
+    run_json = {"method": method, "dataset": meta["name"], "n_train": len(splits["train"]), "seed": int(seed),
+                "fold": int(fold), "pretrained": source is not None, "recipe": cfg.name,
+                "checkpoint": source.path if source else None}
+    if info.is_main:
+        write_json_atomic(out / "run.json", run_json)
+    _say(f"{method} ({cfg.name}) on {meta['name']} fold {fold}: {len(splits['train'])} training / "
+         f"{len(splits['val'])} validation cases, {len(channels)} channel(s), {label_map.n_classes} classes, "
+         f"patch {patch}, batch {cfg.batch_size}, {model_cfg.arch} on {device} x{info.world_size}, {tc.precision}, "
+         f"{tc.steps} steps ({' + '.join(f'{s.name} {s.steps}' for s in cfg.stages)}); run: {out}", info)
+
+    summary = run_loop(out, tc, module=network, optimizer=optimizer, schedule=schedule, scaler=scaler,
+                       batches=batches, forward=forward, payload=payload, config=config, global_batch=cfg.batch_size,
+                       info=info, device=device, state=state, state_key="network", grad_clip=cfg.optim.grad_clip,
+                       validate=validate, on_step=on_step, name="finetune", title=method, progress=progress)
+    summary.update(run_json=str(out / "run.json"), splits=str(out / "splits.json"), preprocessed=str(root),
+                   recipe=cfg.name, method=method, n_train=len(splits["train"]), transfer=report.to_dict())
+    if info.is_main:
+        write_json_atomic(out / "summary.json", summary)
+    return summary
+

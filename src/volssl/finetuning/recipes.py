@@ -1,0 +1,341 @@
+"""Fine-tuning recipes as data: each :class:`FinetuneRecipe` is a row of the S3D paper's Table 2.
+
+A recipe says which pre-trained weights are transferred (``transfer``), and lists the
+:class:`Stage` s of the schedule: each stage runs ``steps`` updates with either the decoder or the
+whole network trainable, and its learning rate either warms up linearly from 0 to the peak
+(``optim.lr``) or decays from the peak (``optim.schedule``, poly by default) or stays constant.
+
+The paper's best fine-tuning (Table 2, 71.76 average DSC; Table 8's full 275k-step schedule)::
+
+    transfer encoder + decoder
+    stage 1  decoder warm-up   12.5k steps  decoder only (encoder and stem frozen)  lr 0 -> 1e-3 linear
+    stage 2  warm-up           12.5k steps  whole network                          lr 0 -> 1e-3 linear
+    stage 3  training           250k steps  whole network                          lr 1e-3 -> 0 poly 0.9
+
+Multi-channel datasets get the pre-trained single-channel stem replicated over their channels
+(divided by the channel count) and kept frozen during the decoder warm-up (Table 6:
+``stem_init="replicate"``, ``train_stem_with_decoder=False``).
+
+From scratch. ``scratch`` is the paper's "No (Fixed)" baseline: the same preprocessing plan and
+patch as the pre-trained runs, random initialisation, trained as nnU-Net trains from scratch (one
+250k-step stage, poly from 1e-2, nnU-Net-like intensity augmentation). With random weights there is
+nothing to protect with a decoder-only warm-up, so ``scratch-s3d-schedule`` maps the S3D schedule
+onto a random network by keeping its stage lengths and learning-rate curve (peak 1e-3) with every
+parameter trainable in every stage: a schedule- and compute-matched control.
+
+Every recipe has a ``-tiny`` CPU sibling (same stages, 25 + 25 + 250 steps instead of
+12.5k + 12.5k + 250k, the tiny network when training from scratch, 64^3 patches, fp32).
+Overrides (``--set``): any field (``optim.lr=1e-2``, ``batch_size=4``), ``stages.K.FIELD=VALUE``
+for stage ``K``; ``train.steps`` is always the sum of the stage lengths.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from volssl.config import AugmentConfig, OptimConfig, TrainConfig, Triple, apply_overrides, config_to_dict
+from volssl.training.augment import IntensityConfig
+from volssl.training.optim import lr_at
+
+TRANSFERS = ("all", "encoder", "none")  # what moves from the checkpoint ("none": random init)
+TRAINABLE = ("decoder", "all")  # what a stage trains
+STAGE_LR = ("warmup", "decay", "constant")  # the stage's lr curve
+STEM_INITS = ("replicate", "random")  # multi-channel stem: replicated pre-trained weights, or fresh ones
+
+
+@dataclass
+class Stage:
+    """One stage of a fine-tuning schedule.
+
+    ``trainable="decoder"``: only the decoder (and, with ``train_stem_with_decoder``, the stem) is
+    updated; ``"all"``: every parameter. ``lr="warmup"``: ``peak * (k + 1) / steps`` at the stage's
+    update ``k``; ``"decay"``: ``optim.schedule`` from the peak to 0 over the stage (poly:
+    ``peak * (1 - k / steps) ** 0.9``); ``"constant"``: the peak.
+    """
+
+    name: str = "train"
+    steps: int = 250_000
+    trainable: str = "all"
+    lr: str = "decay"
+
+
+@dataclass
+class FinetuneRecipe:
+    """Everything that defines how a network is fine-tuned (or trained from scratch) on labels.
+
+    Attributes:
+        name, description: the recipe's name and the paper row it reproduces.
+        transfer: "all" (encoder + decoder), "encoder" (new decoder) or "none" (random init).
+        stem_init: how a stem with more input channels than the checkpoint's is initialised.
+        train_stem_with_decoder: whether the stem is trained during "decoder" stages (Table 6: no).
+        stages: the schedule (see :class:`Stage`); ``train.steps`` is their total.
+        arch: architecture without a checkpoint (None: the checkpoint's).
+        plan: preprocessing plan name without a checkpoint (the checkpoint's plan otherwise).
+        patch_size: training patch (None: the checkpoint's pre-training patch).
+        batch_size: global batch; foreground_prob: probability that a patch is centred on a labelled
+            voxel (nnU-Net's 0.33; nnU-Net forces the last ``round(0.33 B)`` patches of each batch
+            instead, which is one patch in two at B = 2).
+        num_workers: loader processes per rank.
+        deep_supervision: Dice + CE on every decoder resolution (nnU-Net's weights), else full only.
+        optim: optimiser; ``optim.lr`` is the peak lr, ``optim.schedule`` the decay of "decay" stages.
+        augment: spatial augmentation (images and labels); intensity: nnU-Net-like intensity augmentation.
+        train: precision, seed, logging / checkpoint / validation intervals.
+    """
+
+    name: str = ""
+    description: str = ""
+    transfer: str = "all"
+    stem_init: str = "replicate"
+    train_stem_with_decoder: bool = False
+    stages: tuple[Stage, ...] = ()
+    arch: str | None = None
+    plan: str = "s3d"
+    patch_size: Triple | None = None
+    batch_size: int = 2
+    foreground_prob: float = 0.33
+    num_workers: int = 4
+    deep_supervision: bool = True
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        name="sgd", lr=1e-3, weight_decay=3e-5, momentum=0.99, nesterov=True, schedule="poly", poly_exponent=0.9,
+        grad_clip=12.0))
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    intensity: IntensityConfig = field(default_factory=IntensityConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        steps=1, precision="bf16", log_every=50, preview_every=1000, checkpoint_every=1000, val_every=2500))
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stages)
+
+    def validate(self) -> "FinetuneRecipe":
+        """ValueError naming the field unless the recipe is usable; returns self."""
+        where = f"recipe {self.name!r}" if self.name else "recipe"
+        if self.transfer not in TRANSFERS:
+            raise ValueError(f"{where}: transfer must be one of {TRANSFERS}, got {self.transfer!r}")
+        if self.stem_init not in STEM_INITS:
+            raise ValueError(f"{where}: stem_init must be one of {STEM_INITS}, got {self.stem_init!r}")
+        if not self.stages:
+            raise ValueError(f"{where}: no stages")
+        for k, s in enumerate(self.stages):
+            if not isinstance(s, Stage):
+                raise ValueError(f"{where}: stages[{k}] is a {type(s).__name__}, not a Stage")
+            if int(s.steps) < 1:
+                raise ValueError(f"{where}: stages.{k}.steps ({s.name}) must be >= 1, got {s.steps}")
+            if s.trainable not in TRAINABLE:
+                raise ValueError(f"{where}: stages.{k}.trainable must be one of {TRAINABLE}, got {s.trainable!r}")
+            if s.lr not in STAGE_LR:
+                raise ValueError(f"{where}: stages.{k}.lr must be one of {STAGE_LR}, got {s.lr!r}")
+        if self.optim.warmup_steps:
+            raise ValueError(f"{where}: optim.warmup_steps must be 0: warm-ups are stages with lr='warmup'")
+        if not self.optim.lr > 0:
+            raise ValueError(f"{where}: optim.lr (the peak lr) must be > 0, got {self.optim.lr}")
+        if self.batch_size < 1:
+            raise ValueError(f"{where}: batch_size must be >= 1, got {self.batch_size}")
+        if not 0.0 <= self.foreground_prob <= 1.0:
+            raise ValueError(f"{where}: foreground_prob must lie in [0, 1], got {self.foreground_prob}")
+        if self.num_workers < 0:
+            raise ValueError(f"{where}: num_workers must be >= 0, got {self.num_workers}")
+        if self.patch_size is not None and (len(self.patch_size) != 3 or min(self.patch_size) < 1):
+            raise ValueError(f"{where}: patch_size must be three positive integers or None, got {self.patch_size}")
+        if self.train.steps != self.total_steps:
+            raise ValueError(f"{where}: train.steps ({self.train.steps}) must equal the sum of the stage lengths "
+                             f"({self.total_steps}); set stage lengths, not train.steps")
+        return self
+
+
+# --------------------------------------------------------------------------- schedule
+def stage_at(recipe: FinetuneRecipe, step: int) -> tuple[int, int]:
+    """``(stage index, update index within the stage)`` of global update ``step`` (0-based).
+
+    Steps at or past the end map to the last stage's end (``(n - 1, steps)``), where a decay is 0.
+    """
+    if step < 0:
+        raise ValueError(f"stage_at: step must be >= 0, got {step}")
+    first = 0
+    for k, s in enumerate(recipe.stages):
+        if step < first + s.steps:
+            return k, step - first
+        first += s.steps
+    return len(recipe.stages) - 1, recipe.stages[-1].steps
+
+
+def lr_at_step(recipe: FinetuneRecipe, step: int) -> float:
+    """The learning rate of global update ``step``: its stage's curve (see :class:`Stage`)."""
+    k, local = stage_at(recipe, step)
+    stage, optim = recipe.stages[k], recipe.optim
+    if stage.lr == "warmup":
+        return lr_at(local, stage.steps, dataclasses.replace(optim, schedule="constant", warmup_steps=stage.steps))
+    if stage.lr == "decay":
+        return lr_at(local, stage.steps, dataclasses.replace(optim, warmup_steps=0))
+    return float(optim.lr)
+
+
+# --------------------------------------------------------------------------- registry
+RECIPES: dict[str, Callable[[], FinetuneRecipe]] = {}
+_DECODER_WARMUP = Stage("decoder-warmup", 12_500, "decoder", "warmup")
+_WARMUP = Stage("warmup", 12_500, "all", "warmup")
+_TRAIN = Stage("train", 250_000, "all", "decay")
+_TINY_STEPS = {12_500: 25, 250_000: 250}  # the -tiny siblings' stage lengths
+
+
+def register_recipe(name: str) -> Callable[[Callable[[], FinetuneRecipe]], Callable[[], FinetuneRecipe]]:
+    """Decorator: register a zero-argument function returning recipe ``name`` (and its -tiny sibling)."""
+
+    def deco(fn: Callable[[], FinetuneRecipe]) -> Callable[[], FinetuneRecipe]:
+        for n in (name, f"{name}-tiny"):
+            if n in RECIPES:
+                raise ValueError(f"fine-tuning recipe {n!r} registered twice")
+        RECIPES[name] = fn
+        RECIPES[f"{name}-tiny"] = lambda: tiny(fn())
+        return fn
+
+    return deco
+
+
+def tiny(recipe: FinetuneRecipe) -> FinetuneRecipe:
+    """The CPU sibling of ``recipe``: same stages with 25 / 250 instead of 12.5k / 250k steps, tiny
+    network and 64^3 patches when training from scratch (otherwise the checkpoint's), fp32."""
+    stages = tuple(dataclasses.replace(s, steps=_TINY_STEPS.get(s.steps, max(1, s.steps // 1000)))
+                   for s in recipe.stages)
+    return dataclasses.replace(
+        recipe, stages=stages, description=recipe.description + " [tiny CPU sibling: 25/250-step stages]",
+        arch="resenc-tiny" if recipe.arch else None, patch_size=(64, 64, 64) if recipe.patch_size else None,
+        num_workers=1, train=dataclasses.replace(recipe.train, precision="fp32", log_every=10, preview_every=100,
+                                                 checkpoint_every=50, val_every=50),
+    )
+
+
+def list_recipes() -> list[str]:
+    return sorted(RECIPES)
+
+
+def get_recipe(name: str) -> FinetuneRecipe:
+    """A fresh copy of recipe ``name`` (KeyError listing the known names)."""
+    if name not in RECIPES:
+        raise KeyError(f"unknown fine-tuning recipe {name!r}; known: {', '.join(list_recipes())}")
+    recipe = RECIPES[name]()
+    recipe.name = name
+    recipe.train.steps = recipe.total_steps
+    return recipe.validate()
+
+
+_STAGE_KEY = re.compile(r"^stages\.(\d+)\.(\w+)$")
+
+
+def resolve_recipe(name: str, overrides: Sequence[str] | None = None,
+                   stage_steps: Sequence[int] | None = None, seed: int | None = None) -> FinetuneRecipe:
+    """Recipe ``name`` with ``key=value`` overrides (``stages.K.FIELD=V`` for a stage), optional stage
+    lengths (one per stage, in order) and the run seed; ``train.steps`` becomes the stages' total."""
+    recipe = get_recipe(name)
+    stages = [copy.copy(s) for s in recipe.stages]
+    rest = []
+    for item in overrides or []:
+        key, _, value = item.partition("=")
+        key = key.strip()
+        m = _STAGE_KEY.match(key)
+        if key in ("stages", "train.steps") or key.startswith("stages") and not m:
+            raise ValueError(f"override {item!r}: set one stage field (stages.K.steps=N, stages.K.trainable=..., "
+                             "stages.K.lr=...) or --stage-steps; train.steps is the sum of the stage lengths")
+        if m:
+            k = int(m.group(1))
+            if k >= len(stages):
+                raise ValueError(f"override {item!r}: recipe {name!r} has {len(stages)} stages "
+                                 f"({', '.join(s.name for s in stages)})")
+            apply_overrides(stages[k], [f"{m.group(2)}={value}"])
+        else:
+            rest.append(item)
+    apply_overrides(recipe, rest)
+    if stage_steps is not None:
+        if len(stage_steps) != len(stages):
+            raise ValueError(f"--stage-steps: recipe {name!r} has {len(stages)} stages "
+                             f"({', '.join(s.name for s in stages)}), got {len(stage_steps)} lengths")
+        for s, n in zip(stages, stage_steps):
+            s.steps = int(n)
+    recipe.stages = tuple(stages)
+    recipe.train.steps = recipe.total_steps
+    if seed is not None:
+        recipe.train.seed = int(seed)
+    return recipe.validate()
+
+
+def describe_recipes() -> list[dict]:
+    """One row per recipe: name, transfer, stages (name, steps, trainable, lr), peak lr, description."""
+    rows = []
+    for name in list_recipes():
+        r = get_recipe(name)
+        rows.append({"name": name, "transfer": r.transfer, "peak_lr": r.optim.lr, "total_steps": r.total_steps,
+                     "stages": [config_to_dict(s) for s in r.stages], "augmentation":
+                     "spatial + intensity" if r.intensity.enabled else "spatial", "description": r.description})
+    return rows
+
+
+# --------------------------------------------------------------------------- the paper's rows
+def _s3d(description: str, stages: tuple[Stage, ...], lr: float = 1e-3, transfer: str = "all") -> FinetuneRecipe:
+    recipe = FinetuneRecipe(description=description, transfer=transfer, stages=stages)
+    recipe.optim.lr = lr
+    return recipe
+
+
+@register_recipe("s3d")
+def s3d() -> FinetuneRecipe:
+    return _s3d("S3D Table 2 best row: transfer encoder + decoder; decoder warm-up 12.5k (encoder and stem frozen), "
+                "whole-network warm-up 12.5k, training 250k, peak lr 1e-3, poly; multi-channel stem replicated "
+                "and frozen in the decoder warm-up (Table 6)", (_DECODER_WARMUP, _WARMUP, _TRAIN))
+
+
+@register_recipe("s3d-lr1e-2")
+def s3d_lr1e_2() -> FinetuneRecipe:
+    return _s3d("S3D Table 2: as s3d (two warm-ups) with the nnU-Net default peak lr 1e-2",
+                (_DECODER_WARMUP, _WARMUP, _TRAIN), lr=1e-2)
+
+
+@register_recipe("s3d-lr1e-4")
+def s3d_lr1e_4() -> FinetuneRecipe:
+    return _s3d("S3D Table 2: as s3d (two warm-ups) with peak lr 1e-4", (_DECODER_WARMUP, _WARMUP, _TRAIN), lr=1e-4)
+
+
+@register_recipe("s3d-one-warmup")
+def s3d_one_warmup() -> FinetuneRecipe:
+    return _s3d("S3D Table 2: transfer all, one whole-network warm-up 12.5k then training 250k, peak lr 1e-3",
+                (_WARMUP, _TRAIN))
+
+
+@register_recipe("s3d-no-warmup")
+def s3d_no_warmup() -> FinetuneRecipe:
+    return _s3d("S3D Table 2: transfer all, no warm-up: training 250k from peak lr 1e-3 (poly)", (_TRAIN,))
+
+
+@register_recipe("s3d-frozen-encoder")
+def s3d_frozen_encoder() -> FinetuneRecipe:
+    return _s3d("S3D Table 2: transfer all, encoder frozen throughout: decoder warm-up 12.5k, decoder-only "
+                "training 250k, peak lr 1e-3", (_DECODER_WARMUP, dataclasses.replace(_TRAIN, trainable="decoder")))
+
+
+@register_recipe("s3d-encoder")
+def s3d_encoder() -> FinetuneRecipe:
+    return _s3d("S3D Table 2: transfer the encoder only (new decoder); decoder warm-up 12.5k, whole-network "
+                "warm-up 12.5k, training 250k, peak lr 1e-3", (_DECODER_WARMUP, _WARMUP, _TRAIN), transfer="encoder")
+
+
+@register_recipe("scratch")
+def scratch() -> FinetuneRecipe:
+    recipe = _s3d("'No (Fixed)': random init, the pre-training plan and patch (S3D: 1 mm, z-score, 160^3, "
+                  "ResEncL), nnU-Net's from-scratch training: 250k steps, poly from lr 1e-2, no warm-up, "
+                  "nnU-Net-like spatial + intensity augmentation", (_TRAIN,), lr=1e-2, transfer="none")
+    recipe.arch, recipe.patch_size = "resenc-l", (160, 160, 160)
+    recipe.intensity.enabled = True
+    return recipe
+
+
+@register_recipe("scratch-s3d-schedule")
+def scratch_s3d_schedule() -> FinetuneRecipe:
+    recipe = _s3d("random init with the s3d schedule (12.5k + 12.5k warm-up steps, 250k training, peak lr 1e-3) "
+                  "and every parameter trainable in every stage: a schedule-matched control for 'No (Fixed)'",
+                  (Stage("warmup-1", 12_500, "all", "warmup"), Stage("warmup-2", 12_500, "all", "warmup"), _TRAIN),
+                  transfer="none")
+    recipe.arch, recipe.patch_size = "resenc-l", (160, 160, 160)
+    recipe.intensity.enabled = True
+    return recipe
