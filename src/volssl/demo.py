@@ -1,33 +1,92 @@
 """The end-to-end demo on built-in phantoms (``volssl demo``, the README's ``make demo``).
 
-Stages, each a public volssl function, each writing under ``out``:
+The use case in miniature: many unlabeled scans, a few labeled ones.
 
-1. ``phantoms/``      brain phantoms as an nnU-Net v2 raw dataset (:func:`generate_phantoms`);
-2. ``preprocessed/``  quality filter + preprocessing with the S3D plan (:func:`preprocess`);
-3. patch stream      a few batches of the tiny preset's patches through the multi-process loader;
-4. ``pretrain/``      tiny S3D pre-training (:func:`pretrain`), with loss curve and preview PNGs.
+1. ``unlabeled/``, ``labeled/``  brain phantoms (nnU-Net v2 raw datasets): an unlabeled pool for
+   pre-training and a labeled dataset (training cases + held-out test cases) of other subjects;
+2. ``unlabeled_pre/``           quality filter + preprocessing with the S3D plan;
+3. patch stream                 a few batches through the multi-process loader;
+4. ``pretrain/``                tiny S3D pre-training (loss curve, preview PNGs, checkpoints);
+5. ``finetune/INIT_nN_sS/``     fine-tuning with 2 labeled cases and with all training cases of
+   fold 0, from the S3D checkpoint (recipe ``s3d-tiny``) and from scratch with the same schedule
+   (``scratch-s3d-schedule-tiny``), for 3 seeds, two runs at a time; each run then predicts the
+   held-out cases in their original geometry and is evaluated (Dice, NSD);
+6. ``report/``                  tables, ranks and the low-data plot (``volssl report``);
+7. ``results.json``             ``runs``: [{init, n_train, seed, dice, nsd}], and the comparison.
 
-``out/summary.json`` records what each stage did and where its files are. Rerunning resumes:
-finished stages are not redone.
+Rerunning resumes: finished stages and runs are not redone.
 """
 from __future__ import annotations
 
 import json
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from volssl.util.atomic import write_json_atomic
 
 
+@dataclass(frozen=True)
+class DemoScale:
+    """Sizes of one demo variant (all counts are phantom cases or optimisation steps)."""
+
+    n_unlabeled: int
+    n_labeled: int
+    n_test: int
+    shape: int  # phantom voxels per axis
+    patch: int  # training patch side (pre-training and fine-tuning)
+    pretrain_steps: int
+    stage_steps: tuple[int, int, int]  # decoder warm-up, whole-network warm-up, training
+    seeds: tuple[int, ...]
+    n_trains: tuple[int | None, ...]  # None: every training case of the fold
+
+
+FULL = DemoScale(n_unlabeled=24, n_labeled=15, n_test=6, shape=64, patch=48, pretrain_steps=300,
+                 stage_steps=(20, 20, 120), seeds=(0, 1, 2), n_trains=(2, None))
+QUICK = DemoScale(n_unlabeled=5, n_labeled=6, n_test=2, shape=56, patch=48, pretrain_steps=6,
+                  stage_steps=(2, 2, 4), seeds=(0,), n_trains=(2, None))
+
+
 def _say(msg: str) -> None:
     print(f"[volssl demo] {msg}", flush=True)
 
 
-def run_demo(out: str | Path = "volssl_demo", quick: bool = False, seed: int = 0) -> dict[str, Any]:
-    """Run the demo into ``out`` and return its summary (also written to ``out/summary.json``).
+def _job_name(init: str, n_train: int | None, seed: int) -> str:
+    return f"{init}_n{'all' if n_train is None else n_train}_s{seed}"
 
-    ``quick`` is the CI-sized variant (fewer, smaller phantoms and a few pre-training steps).
+
+def _finetune_predict_evaluate(job: dict[str, Any]) -> dict[str, Any]:
+    """One demo cell in a worker process: fine-tune, predict the held-out cases, evaluate."""
+    import torch
+
+    from volssl.evaluation.evaluate import evaluate_folder
+    from volssl.finetuning.finetune import finetune
+    from volssl.inference.predict import predict_folder
+
+    torch.set_num_threads(1)
+    run = Path(job["run"])
+    metrics = run / "metrics.json"
+    t0 = time.time()
+    if not metrics.exists():
+        finetune(job["checkpoint"], job["dataset"], run, recipe=job["recipe"], n_train=job["n_train"],
+                 seed=job["seed"], overrides=job["overrides"], stage_steps=job["stage_steps"],
+                 method_name=job["init"], progress=False, resume=True)
+        predict_folder(run, job["test_images"], run / "predictions", mirror_axes=(), progress=False, device="cpu")
+        evaluate_folder(run / "predictions", job["test_labels"], metrics, progress=False)
+    mean = json.loads(metrics.read_text())["mean"]
+    run_json = json.loads((run / "run.json").read_text())
+    return {"init": job["init"], "n_train": run_json["n_train"], "seed": job["seed"], "dice": mean["dice"],
+            "nsd": mean["nsd"], "run": str(run), "seconds": round(time.time() - t0, 1)}
+
+
+def run_demo(out: str | Path = "volssl_demo", quick: bool = False, seed: int = 0, workers: int = 2) -> dict[str, Any]:
+    """Run the demo into ``out`` and return ``results.json``'s content.
+
+    ``quick`` is the CI-sized variant (few small phantoms, a handful of steps, one seed); its numbers
+    mean nothing. ``workers`` fine-tuning runs go in parallel (one CPU thread each).
     """
     import torch
 
@@ -35,61 +94,116 @@ def run_demo(out: str | Path = "volssl_demo", quick: bool = False, seed: int = 0
     from volssl.data.dataset import PreprocessedDataset
     from volssl.data.patches import PatchSampler, make_loader
     from volssl.data.phantoms import generate_phantoms
-    from volssl.data.preprocess import preprocess
+    from volssl.data.preprocess import get_plan, preprocess
+    from volssl.finetuning.finetune import prepare_dataset
+    from volssl.reports.report import make_report
+    from volssl.training.checkpoint import load_checkpoint
     from volssl.training.trainer import pretrain
 
+    scale = QUICK if quick else FULL
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    n_cases, shape, steps = (6, 72, 12) if quick else (12, 80, 150)
-    summary: dict[str, Any] = {"quick": quick, "seed": seed, "stages": {}}
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     t0 = time.time()
+    summary: dict[str, Any] = {"quick": quick, "seed": seed, "scale": scale.__dict__, "stages": {}}
 
     # 1. phantoms -------------------------------------------------------------------------
-    raw = out / "phantoms"
-    if not (raw / "dataset.json").exists():
-        _say(f"generating {n_cases} brain phantoms ({shape}^3 voxels, T1/T2/FLAIR, lesion labels) -> {raw}")
-        generate_phantoms(raw, "brain", n=n_cases, seed=seed, shape=(shape,) * 3, overwrite=True)
-    summary["stages"]["phantoms"] = {"dir": str(raw)}
+    shape = (scale.shape,) * 3
+    unlabeled, labeled = out / "unlabeled", out / "labeled"
+    for path, n, n_test, s, what in ((unlabeled, scale.n_unlabeled, 0, seed + 1000, "unlabeled pool"),
+                                     (labeled, scale.n_labeled, scale.n_test, seed, "labeled dataset")):
+        if not (path / "dataset.json").exists():
+            _say(f"generating the {what}: {n + n_test} brain phantoms ({scale.shape}^3, T1/T2/FLAIR) -> {path}")
+            generate_phantoms(path, "brain", n=n, n_test=n_test, seed=s, shape=shape, overwrite=True)
 
-    # 2. preprocessing ----------------------------------------------------------------------
-    pre = out / "preprocessed"
-    _say(f"preprocessing with the S3D plan (RAS, 1 mm, z-score, crop) -> {pre}")
-    ps = preprocess(raw, pre, plan="s3d", workers=2)
-    print(ps.format())
-    summary["stages"]["preprocess"] = {"dir": str(pre), "ok": ps.n_ok, "excluded": ps.n_excluded,
-                                       "report": ps.report}
+    # 2. preprocessing of the unlabeled pool ---------------------------------------------------
+    pre = out / "unlabeled_pre"
+    _say(f"preprocessing the unlabeled pool with the S3D plan (RAS, 1 mm, z-score, crop) -> {pre}")
+    plan = get_plan("s3d")
+    plan.rules.min_file_bytes = None  # small phantoms compress below the 200 kB rule meant for real scans
+    ps = preprocess(unlabeled, pre, plan=plan, workers=2)
+    print(ps.format(), flush=True)
+    summary["stages"]["preprocess"] = {"dir": str(pre), "ok": ps.n_ok, "excluded": ps.n_excluded}
 
-    # 3. patch stream -----------------------------------------------------------------------
-    cfg = resolve("s3d-b-tiny", [f"train.steps={steps}", f"train.seed={seed}",
-                                 f"train.preview_every={max(steps // 3, 1)}",
-                                 f"train.checkpoint_every={max(steps // 3, 1)}"])
-    ds = PreprocessedDataset(pre)
-    sampler = PatchSampler(ds, cfg.data.patch_size, seed=seed, channel_mode=cfg.data.channel_mode)
-    loader = make_loader(sampler, batch_size=cfg.data.batch_size, num_workers=2)
+    # 3. patch stream ---------------------------------------------------------------------------
+    p = scale.patch
+    cfg = resolve("s3d-b-tiny", [f"train.steps={scale.pretrain_steps}", f"train.seed={seed}",
+                                 f"data.patch_size={p},{p},{p}",
+                                 f"train.preview_every={max(scale.pretrain_steps // 3, 1)}",
+                                 f"train.checkpoint_every={max(scale.pretrain_steps // 3, 1)}"])
+    sampler = PatchSampler(PreprocessedDataset(pre), cfg.data.patch_size, seed=seed,
+                           channel_mode=cfg.data.channel_mode)
     n_batches, t = 8, time.perf_counter()
-    for i, batch in enumerate(loader):
+    for i, batch in enumerate(make_loader(sampler, batch_size=cfg.data.batch_size, num_workers=2)):
         if i + 1 == n_batches:
             break
     rate = n_batches * cfg.data.batch_size / (time.perf_counter() - t)
-    shape_str = "x".join(map(str, batch["image"].shape))
-    _say(f"patch stream: {n_batches} batches of {shape_str} from {len(ds)} volumes, {rate:.0f} patches/s "
-         f"(2 workers, including start-up)")
+    _say(f"patch stream: {n_batches} batches of {'x'.join(map(str, batch['image'].shape))}, {rate:.0f} patches/s "
+         "(2 workers, start-up included)")
     summary["stages"]["patches"] = {"batch_shape": list(batch["image"].shape), "patches_per_s": round(rate, 1)}
 
-    # 4. S3D pre-training --------------------------------------------------------------------
+    # 4. S3D pre-training ---------------------------------------------------------------------
     run = out / "pretrain"
-    _say(f"pre-training S3D ({cfg.preset}: {cfg.model.arch}, {steps} steps) -> {run}")
+    _say(f"pre-training S3D ({cfg.preset}: {cfg.model.arch}, {p}^3, {scale.pretrain_steps} steps) -> {run}")
     res = pretrain(cfg, pre, run, resume=True)
-    summary["stages"]["pretrain"] = {k: res.get(k) for k in ("status", "step", "loss", "loss_ema")}
-    summary["stages"]["pretrain"]["dir"] = str(run)
     previews = sorted((run / "previews").glob("*.png"))
-    summary["stages"]["pretrain"]["preview"] = str(previews[-1]) if previews else None
+    summary["stages"]["pretrain"] = {"dir": str(run), "status": res.get("status"), "step": res.get("step"),
+                                     "loss_ema": res.get("loss_ema"),
+                                     "preview": str(previews[-1]) if previews else None}
+    checkpoint = run / "checkpoints" / "final.pt"
 
-    summary["seconds"] = round(time.time() - t0, 1)
-    write_json_atomic(out / "summary.json", summary)
-    _say(f"done in {summary['seconds']} s. Summary: {out / 'summary.json'}")
-    if previews:
-        _say(f"reconstruction preview: {previews[-1]}")
-    _say(f"checkpoints: {run / 'checkpoints'}; scalars: {run / 'scalars.csv'}; TensorBoard: {run / 'tb'}")
-    return json.loads((out / "summary.json").read_text())
+    # 5. fine-tuning, prediction, evaluation ------------------------------------------------------
+    plan = load_checkpoint(checkpoint)["plan"]
+    _say("preprocessing the labeled dataset with the checkpoint's plan (the paper's fixed setting)")
+    labeled_pre = prepare_dataset(labeled, plan, out, out / "labeled_pre", workers=2, progress=True, check=True)
+    common = {"dataset": str(labeled_pre), "stage_steps": list(scale.stage_steps),
+              "test_images": str(labeled / "imagesTs"), "test_labels": str(labeled / "labelsTs")}
+    jobs = []
+    for n_train in scale.n_trains:
+        for s in scale.seeds:
+            jobs.append({**common, "init": "s3d", "checkpoint": str(checkpoint), "recipe": "s3d-tiny",
+                         "overrides": [], "n_train": n_train, "seed": s,
+                         "run": str(out / "finetune" / _job_name("s3d", n_train, s))})
+            jobs.append({**common, "init": "scratch", "checkpoint": None, "recipe": "scratch-s3d-schedule-tiny",
+                         "overrides": [f"patch_size={p},{p},{p}", f"arch={cfg.model.arch}"], "n_train": n_train,
+                         "seed": s, "run": str(out / "finetune" / _job_name("scratch", n_train, s))})
+    _say(f"fine-tuning {len(jobs)} runs ({workers} at a time: S3D init vs scratch, n_train "
+         f"{['all' if n is None else n for n in scale.n_trains]}, seeds {list(scale.seeds)}; stages "
+         f"{'+'.join(map(str, scale.stage_steps))} steps), then predicting and evaluating the held-out cases")
+    runs: list[dict[str, Any]] = []
+    ctx = __import__("multiprocessing").get_context("spawn")
+    with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=ctx) as pool:
+        for r in pool.map(_finetune_predict_evaluate, jobs):
+            runs.append(r)
+            _say(f"  {Path(r['run']).name:<22} Dice {r['dice']:.3f}  NSD {r['nsd']:.3f}  ({r['seconds']} s)")
+
+    # 6. report ---------------------------------------------------------------------------------
+    make_report([out / "finetune"], out / "report")
+    comparison = _compare(runs)
+    results = {"runs": [{k: r[k] for k in ("init", "n_train", "seed", "dice", "nsd")} for r in runs],
+               "comparison": comparison, "report": str(out / "report" / "report.md"),
+               "seconds": round(time.time() - t0, 1), **summary}
+    write_json_atomic(out / "results.json", results)
+    for row in comparison:
+        _say(f"n_train={row['n_train']}: S3D {row['s3d_dice']:.3f} vs scratch {row['scratch_dice']:.3f} mean Dice "
+             f"over seeds {row['seeds']}: {100 * row['delta_dice']:+.1f} points")
+    _say(f"done in {results['seconds']} s. Results: {out / 'results.json'}; report: {results['report']}")
+    return results
+
+
+def _compare(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean Dice/NSD per (n_train, init) over seeds, and the S3D - scratch difference."""
+    import numpy as np
+
+    rows = []
+    for n in sorted({r["n_train"] for r in runs}):
+        cell = {init: [r for r in runs if r["n_train"] == n and r["init"] == init] for init in ("s3d", "scratch")}
+        if not all(cell.values()):
+            continue
+        mean = {init: (float(np.nanmean([r["dice"] for r in rs])), float(np.nanmean([r["nsd"] for r in rs])))
+                for init, rs in cell.items()}
+        rows.append({"n_train": n, "seeds": sorted(r["seed"] for r in cell["s3d"]),
+                     "s3d_dice": mean["s3d"][0], "scratch_dice": mean["scratch"][0],
+                     "s3d_nsd": mean["s3d"][1], "scratch_nsd": mean["scratch"][1],
+                     "delta_dice": mean["s3d"][0] - mean["scratch"][0]})
+    return rows
