@@ -1,4 +1,4 @@
-"""Shared fixtures: one torch thread; a tiny brain-phantom dataset (3 channels) raw and preprocessed with
+"""Shared fixtures (one torch thread per test comes from tests/conftest.py): a tiny brain-phantom dataset (3 channels) raw and preprocessed with
 the S3D plan; a tiny S3D pre-training checkpoint (resenc-tiny, 32^3 patches, 2 steps of the real loop)."""
 from __future__ import annotations
 
@@ -8,14 +8,6 @@ import pytest
 import torch
 
 PATCH = (32, 32, 32)
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

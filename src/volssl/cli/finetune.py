@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 from volssl.cli.configs import add_set_argument
+from volssl.cli.run_status import exit_code
 
 
 def _ints(text: str) -> list[int]:
@@ -105,12 +105,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"  splits       {summary['splits']}")
         print(f"  data         {summary['preprocessed']}")
         print(f"  scalars      {summary['csv']}")
-    if summary["status"] == "stopped":
-        if summary["signal"] == "SIGINT":
-            return 130
-        print(f"volssl finetune: stopped by {summary['signal']} at step {summary['step']}; re-queue the same "
-              "command with --resume to continue", file=sys.stderr)
-    return 0
+    return exit_code(summary, "finetune")
 
 
 def _recipes(args: argparse.Namespace) -> int:

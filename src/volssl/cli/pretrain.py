@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 from volssl.cli.configs import add_set_argument
+from volssl.cli.run_status import exit_code
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -68,12 +68,7 @@ def _run(args: argparse.Namespace) -> int:
         distributed.cleanup()
     if int(os.environ.get("RANK", "0") or 0) == 0:  # torchrun: rank 0 reports
         _report(summary)
-    if summary["status"] == "stopped":
-        if summary["signal"] == "SIGINT":
-            return 130
-        print(f"volssl pretrain: stopped by {summary['signal']} at step {summary['step']}; re-queue the same "
-              "command with --resume to continue", file=sys.stderr)
-    return 0
+    return exit_code(summary, "pretrain")
 
 
 def _report(s: dict) -> None:
