@@ -20,7 +20,7 @@ def test_quick_demo(tmp_path):
     assert [c["n_train"] for c in results["comparison"]][0] == 2
     stages = results["stages"]
     assert stages["preprocess"]["ok"] >= 4 and stages["pretrain"]["status"] == "finished"
-    assert stages["patches"]["batch_shape"][-3:] == [48, 48, 48]
+    assert stages["patches"]["batch_shape"][-3:] == [32, 32, 32]
     for name in ("report.md", "table.md", "low_data.png", "rank_stability.png"):
         assert (tmp_path / "report" / name).exists(), name
     # predictions are in the original geometry of the held-out files
