@@ -8,8 +8,8 @@ The use case in miniature: many unlabeled scans, a few labeled ones.
 3. patch stream                 a few batches through the multi-process loader;
 4. ``pretrain/``                tiny S3D pre-training (loss curve, preview PNGs, checkpoints);
 5. ``finetune/INIT_nN_sS/``     fine-tuning with 2 labeled cases and with all training cases of
-   fold 0, from the S3D checkpoint (recipe ``s3d-lr1e-2-tiny``) and from scratch with the same schedule
-   (``scratch-s3d-schedule-tiny``, same schedule and peak lr), for 3 seeds, two runs at a time; each run then predicts the
+   fold 0, from the S3D checkpoint (recipe ``s3d-tiny``) and from scratch with the same schedule
+   (``scratch-s3d-schedule-tiny``, same stages and optimiser), for 3 seeds, two runs at a time; each run then predicts the
    held-out cases in their original geometry and is evaluated (Dice, NSD);
 6. ``report/``                  tables, ranks and the low-data plot (``volssl report``);
 7. ``results.json``             ``runs``: [{init, n_train, seed, dice, nsd}], and the comparison.
@@ -51,10 +51,12 @@ QUICK = DemoScale(n_unlabeled=5, n_labeled=6, n_test=2, shape=56, patch=32, pret
 #: The demo works at 2 mm (the S3D plan otherwise): 8x fewer voxels than 1 mm, so that pre-training,
 #: 12 fine-tuning runs and their predictions fit a 2-core CPU in about 15 minutes.
 DEMO_SPACING = (2.0, 2.0, 2.0)
-#: Fine-tuning: Table 2's transfer-all two-warm-up schedule at the nnU-Net peak lr 1e-2 (its row
-#: "s3d-lr1e-2"); scratch gets the same schedule and lr. At a few hundred steps the best row's 1e-3
-#: does not get past predicting background (measured: Dice 0.000 for both inits at 160 steps).
-DEMO_LR = 1e-2
+#: Fine-tuning: Table 2's transfer-all schedule (decoder warm-up, whole-network warm-up, training;
+#: recipe "s3d-tiny"), scratch with the same stages. Both with the same CPU-budget optimiser: with the
+#: paper's SGD (peak 1e-3 or 1e-2) neither init got past predicting background in a few hundred
+#: steps (measured: Dice 0.000 for all 12 runs at 400 steps); AdamW at 2e-3 with lesion-centred
+#: patches 90% of the time learns the lesions (scratch, all cases, 400 steps: Dice 0.54).
+DEMO_FINETUNE = ["optim.name=adamw", "optim.lr=2e-3", "optim.weight_decay=1e-2", "foreground_prob=0.9"]
 
 
 def _say(msg: str) -> None:
@@ -169,11 +171,11 @@ def run_demo(out: str | Path = "volssl_demo", quick: bool = False, seed: int = 0
     jobs = []
     for n_train in scale.n_trains:
         for s in scale.seeds:
-            jobs.append({**common, "init": "s3d", "checkpoint": str(checkpoint), "recipe": "s3d-lr1e-2-tiny",
-                         "overrides": [f"optim.lr={DEMO_LR}"], "n_train": n_train, "seed": s,
+            jobs.append({**common, "init": "s3d", "checkpoint": str(checkpoint), "recipe": "s3d-tiny",
+                         "overrides": DEMO_FINETUNE, "n_train": n_train, "seed": s,
                          "run": str(out / "finetune" / _job_name("s3d", n_train, s))})
             jobs.append({**common, "init": "scratch", "checkpoint": None, "recipe": "scratch-s3d-schedule-tiny",
-                         "overrides": [f"patch_size={p},{p},{p}", f"arch={cfg.model.arch}", f"optim.lr={DEMO_LR}"],
+                         "overrides": [f"patch_size={p},{p},{p}", f"arch={cfg.model.arch}", *DEMO_FINETUNE],
                          "n_train": n_train,
                          "seed": s, "run": str(out / "finetune" / _job_name("scratch", n_train, s))})
     _say(f"fine-tuning {len(jobs)} runs ({workers} at a time: S3D init vs scratch, n_train "
