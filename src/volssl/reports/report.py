@@ -515,7 +515,7 @@ def _plot_low_data(path: Path, rows: list[dict[str, Any]], methods: list[str]) -
         handles.append(Line2D([], [], color=colors[m], ls="-" if pre else "--", marker="o" if pre else "s", label=m))
     fig.legend(handles=handles, loc="outside lower center", ncols=min(6, len(handles)), fontsize=9,
                title="solid: pre-trained, dashed: from scratch", title_fontsize=9)
-    fig.suptitle("Low-data regime: Dice vs number of training cases (mean ± std over runs)", fontsize=10)
+    fig.suptitle("Low-data regime: Dice vs training cases\n(mean ± std over runs)", fontsize=10)
     _save(fig, path)
 
 
