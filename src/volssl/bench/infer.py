@@ -22,19 +22,13 @@ import statistics
 import time
 from typing import Any, Callable
 
+from volssl.cli.args import cubic_size
+
 TARGET_RATIO = 1.0
 
 
 def _size(text: str) -> tuple[int, int, int]:
-    try:
-        values = tuple(int(v) for v in str(text).split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected N or X,Y,Z, got {text!r}") from None
-    if len(values) == 1:
-        values = values * 3
-    if len(values) != 3 or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected N or X,Y,Z (positive), got {text!r}")
-    return values
+    return cubic_size(text, minimum=1, what="size")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

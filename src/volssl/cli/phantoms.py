@@ -3,18 +3,12 @@ from __future__ import annotations
 
 import argparse
 
+from volssl.cli.args import cubic_size
+
 
 def parse_shape(text: str) -> tuple[int, int, int]:
-    """``"64"`` -> (64, 64, 64); ``"64,64,48"`` -> (64, 64, 48)."""
-    try:
-        sizes = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--shape: expected X,Y,Z integers, got {text!r}") from None
-    if len(sizes) == 1:
-        sizes = sizes * 3
-    if len(sizes) != 3 or min(sizes) < 16:
-        raise argparse.ArgumentTypeError(f"--shape: expected one or three sizes >= 16, got {text!r}")
-    return sizes  # type: ignore[return-value]
+    """``"64"`` -> (64, 64, 64); ``"64,64,48"`` -> (64, 64, 48); every size >= 16."""
+    return cubic_size(text, minimum=16, what="--shape")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
