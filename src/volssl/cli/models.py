@@ -16,13 +16,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Convert weights published by another framework into a volssl checkpoint "
                                    "(kind 'import') that fine-tuning accepts. Files are read with "
                                    "torch.load(weights_only=True): they cannot run code.")
-    p.add_argument("--format", required=True, choices=["nnssl"],
-                   help="source format: nnssl (network_weights of a dynamic-network-architectures "
-                        "ResidualEncoderUNet)")
+    from volssl.models.import_formats import IMPORT_FORMATS
+
+    p.add_argument("--format", required=True, choices=sorted(IMPORT_FORMATS),
+                   help="source format: " + "; ".join(f"{k} ({v[1]})" for k, v in sorted(IMPORT_FORMATS.items())))
     p.add_argument("src", help="source checkpoint file")
     p.add_argument("dst", help="volssl checkpoint to write (.pt)")
     p.add_argument("--arch", default=None,
-                   help="architecture when the file has no nnssl_adaptation_plan (default: resenc-l)")
+                   help="architecture when the file does not say (nnssl: no nnssl_adaptation_plan; default: "
+                        "the format's usual one)")
     p.add_argument("--json", action="store_true", help="print the import report as JSON")
     p.set_defaults(func=_import)
 
@@ -42,10 +44,10 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from volssl.models.checkpoint_import import convert_nnssl
+    from volssl.models.import_formats import convert_checkpoint
     from volssl.training.checkpoint import save_checkpoint
 
-    payload, report = convert_nnssl(args.src, args.arch)
+    payload, report = convert_checkpoint(args.format, args.src, args.arch)
     save_checkpoint(args.dst, **payload)
     if args.json:
         print(json.dumps({"dst": str(args.dst), "model": payload["model"], **vars(report)}))

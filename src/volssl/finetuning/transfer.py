@@ -8,7 +8,8 @@ docs/design.md "Checkpoint") into a freshly built segmentation network:
 * parts that exist only for pre-training are dropped: the output convs ``decoder.seg_layers.*``
   (they predict intensities; the segmentation heads are always new), mask tokens and densification
   convs (S3D keeps those outside ``network``, so they normally never reach here);
-* multi-channel datasets: a pre-trained single-channel stem conv ``(F, 1, k, k, k)`` is repeated
+* multi-channel datasets: a pre-trained single-channel stem conv ``(F, 1, k, k, k)`` (any encoder
+  conv whose shapes differ only in the input channels: a ViT/Swin patch embedding too) is repeated
   over the ``C`` input channels and divided by ``C`` (``stem_init="replicate"``, the S3D paper's
   Table 6 and nnssl's rule: a stack of identical channels then gives the pre-trained response), or
   left at its fresh initialisation (``stem_init="random"``).
@@ -29,7 +30,6 @@ from torch import Tensor, nn
 
 ENCODER_PREFIX = "encoder."
 STEM_PREFIX = "encoder.stem."
-STEM_CONV = "encoder.stem.convs.0.conv.weight"
 DECODER_PREFIX = "decoder."
 HEAD_PREFIX = "decoder.seg_layers."
 #: name fragments of tensors that exist only for pre-training (never transferred)
@@ -60,6 +60,13 @@ class TransferReport:
 def is_pretrain_only(key: str) -> bool:
     """Whether ``key`` names a pre-training-only tensor (reconstruction heads, mask tokens, densify convs)."""
     return any(part in key for part in PRETRAIN_ONLY)
+
+
+def is_input_conv(key: str, have: torch.Size, want: torch.Size) -> bool:
+    """Whether ``key`` is an encoder convolution (the stem, or a ViT/Swin patch embedding) whose
+    checkpoint shape ``have`` differs from the network's ``want`` only in its input channels (dim 1)."""
+    return (key.startswith(ENCODER_PREFIX) and key.endswith("weight") and len(have) >= 3
+            and len(have) == len(want) and have[:1] + have[2:] == want[:1] + want[2:])
 
 
 def replicate_stem(weight: Tensor, in_channels: int) -> Tensor:
@@ -113,7 +120,7 @@ def transfer_weights(network: nn.Module, source: Mapping[str, Tensor], transfer:
         if value.shape == want:
             loaded[key] = value
             report.moved.append(key)
-        elif key == STEM_CONV and value.shape[:1] + value.shape[2:] == want[:1] + want[2:]:
+        elif is_input_conv(key, value.shape, want):
             if stem_init == "random":
                 report.dropped.append(key)
             elif value.shape[1] == 1:

@@ -276,3 +276,4 @@ def convert_nnssl(src: str | os.PathLike, arch: str | None = None) -> tuple[dict
                    "report": dataclasses.asdict(report)},
     }
     return payload, report
+

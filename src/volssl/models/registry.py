@@ -1,13 +1,22 @@
 """Named architectures: ``ARCHITECTURES[name]`` -> an :class:`ArchSpec`; ``build_model(ModelConfig)``.
 
-Every ResEnc preset comes from the same code (:class:`~volssl.models.resenc_unet.ResEncUNet`); the
-smaller ones only change widths, depths and strides. ``paper_params`` is the parameter count a
+The ResEnc specs live here; other families (plain U-Net, MedNeXt, SwinUNETR, ViT/UNETR, ...) register
+theirs with :func:`register_arch` in their own module, listed in :data:`ARCH_MODULES` and imported on
+first use. Every ResEnc preset comes from the same code (:class:`~volssl.models.resenc_unet.ResEncUNet`);
+the smaller ones only change widths, depths and strides. ``paper_params`` is the parameter count a
 paper reports for the preset (1 input, 1 output channel), or None for our own presets.
+
+Every architecture builds a segmentation network with the layout fine-tuning, transfer and
+inference rely on (docs/design.md, "Segmentation networks"): ``.encoder`` (with ``in_channels`` and
+``total_stride``), ``.decoder`` (its output heads in ``decoder.seg_layers``, the last one at full
+resolution), a ``deep_supervision`` attribute, and ``forward(x) -> logits`` (a list, full resolution
+first, under deep supervision).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -18,7 +27,13 @@ from volssl.models.resenc_unet import ResEncUNet
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """One named architecture: default widths and a builder."""
+    """One named architecture: default widths and a builder.
+
+    The builder is called as ``builder(in_channels, out_channels, features, blocks, strides, **options)``.
+    ``features`` are the widths per stage (a ViT: its embedding dim), ``blocks`` the blocks per stage (a
+    ViT: its depth), ``strides`` the downsampling per stage (a ViT: its patch size); ``options`` holds
+    family-specific constructor arguments (heads, kernel sizes, ...).
+    """
 
     name: str
     description: str
@@ -27,6 +42,8 @@ class ArchSpec:
     strides: tuple[int, ...]
     paper_params: int | None = None  # parameter count reported by the paper (1 in / 1 out channel)
     builder: Callable[..., nn.Module] = ResEncUNet
+    options: Mapping[str, Any] = field(default_factory=dict)
+    family: str = "resenc"
 
     @property
     def total_stride(self) -> int:
@@ -61,8 +78,33 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 }
 
 
+#: modules that register further architecture families (imported on first use of the registry)
+ARCH_MODULES: list[str] = [
+]
+_loaded = False
+
+
+def register_arch(spec: ArchSpec) -> ArchSpec:
+    """Add ``spec`` to :data:`ARCHITECTURES` (ValueError if the name is taken by another spec)."""
+    if spec.name in ARCHITECTURES and ARCHITECTURES[spec.name] != spec:
+        raise ValueError(f"architecture {spec.name!r} registered twice")
+    ARCHITECTURES[spec.name] = spec
+    return spec
+
+
+def load_architectures() -> dict[str, ArchSpec]:
+    """Import every module of :data:`ARCH_MODULES` (registering its architectures); the full registry."""
+    global _loaded
+    if not _loaded:
+        for module in ARCH_MODULES:
+            importlib.import_module(module)
+        _loaded = True
+    return ARCHITECTURES
+
+
 def get_arch(name: str) -> ArchSpec:
     """The spec of architecture ``name`` (KeyError listing the known names)."""
+    load_architectures()
     if name not in ARCHITECTURES:
         raise KeyError(f"unknown architecture {name!r}; known: {', '.join(sorted(ARCHITECTURES))}")
     return ARCHITECTURES[name]
@@ -83,9 +125,9 @@ def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> n
     spec = get_arch(cfg.arch)
     features, blocks, strides = resolve_widths(cfg)
     if device is None:
-        return spec.builder(cfg.in_channels, cfg.out_channels, features, blocks, strides)
+        return spec.builder(cfg.in_channels, cfg.out_channels, features, blocks, strides, **spec.options)
     with torch.device(device):
-        return spec.builder(cfg.in_channels, cfg.out_channels, features, blocks, strides)
+        return spec.builder(cfg.in_channels, cfg.out_channels, features, blocks, strides, **spec.options)
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
@@ -99,10 +141,11 @@ def describe_architectures(in_channels: int = 1, out_channels: int = 1) -> list[
     Networks are built on the meta device: no memory is allocated for their weights.
     """
     rows = []
-    for name, spec in ARCHITECTURES.items():
+    for name, spec in load_architectures().items():
         net = build_model(ModelConfig(arch=name, in_channels=in_channels, out_channels=out_channels), device="meta")
         rows.append({
             "name": name,
+            "family": spec.family,
             "params": count_parameters(net),
             "encoder_params": count_parameters(net.encoder),
             "decoder_params": count_parameters(net.decoder),
