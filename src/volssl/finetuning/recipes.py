@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from volssl.config import AugmentConfig, OptimConfig, TrainConfig, Triple, apply_overrides, config_to_dict
+from volssl.models.registry import tiny_arch
 from volssl.training.augment import IntensityConfig
 from volssl.training.optim import lr_at
 
@@ -202,7 +203,7 @@ def tiny(recipe: FinetuneRecipe) -> FinetuneRecipe:
                    for s in recipe.stages)
     return dataclasses.replace(
         recipe, stages=stages, description=recipe.description + " [tiny CPU sibling: 25/250-step stages]",
-        arch="resenc-tiny" if recipe.arch else None, patch_size=(64, 64, 64) if recipe.patch_size else None,
+        arch=tiny_arch(recipe.arch) if recipe.arch else None, patch_size=(64, 64, 64) if recipe.patch_size else None,
         num_workers=1, train=dataclasses.replace(recipe.train, precision="fp32", log_every=10, preview_every=100,
                                                  checkpoint_every=50, val_every=50),
     )

@@ -110,6 +110,18 @@ def get_arch(name: str) -> ArchSpec:
     return ARCHITECTURES[name]
 
 
+def tiny_arch(name: str) -> str:
+    """The CPU-sized architecture of ``name``'s family: the registered ``<family>-tiny`` (ResEnc:
+    ``resenc-tiny``); ``name`` itself if it is already tiny. KeyError if the family has none."""
+    spec = get_arch(name)
+    if name.endswith("-tiny"):
+        return name
+    tiny = f"{spec.family}-tiny"
+    if tiny not in ARCHITECTURES:
+        raise KeyError(f"architecture family {spec.family!r} (of {name!r}) registers no {tiny!r}")
+    return tiny
+
+
 def resolve_widths(cfg: ModelConfig) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     """``(features, blocks, strides)`` of ``cfg``: the architecture's own, overridden where set."""
     spec = get_arch(cfg.arch)

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 from volssl.config import OptimConfig, RunConfig
+from volssl.models.registry import tiny_arch
 
 
 def tiny(cfg: RunConfig, steps: int = 300) -> RunConfig:
     """Shrink a real preset to its CPU sibling: same method and optimiser, tiny network and patches."""
-    cfg.model.arch = "resenc-tiny" if cfg.model.arch.startswith("resenc") else cfg.model.arch
+    cfg.model.arch = tiny_arch(cfg.model.arch)
     cfg.data.patch_size = (64, 64, 64)
     cfg.data.batch_size = 2
     cfg.data.num_workers = 1
