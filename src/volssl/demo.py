@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from volssl.benchmark import cell_name, run_cell
 from volssl.util.atomic import write_json_atomic
 
 
@@ -61,34 +62,6 @@ DEMO_FINETUNE = ["optim.name=adamw", "optim.lr=2e-3", "optim.weight_decay=1e-2",
 
 def _say(msg: str) -> None:
     print(f"[volssl demo] {msg}", flush=True)
-
-
-def _job_name(init: str, n_train: int | None, seed: int) -> str:
-    return f"{init}_n{'all' if n_train is None else n_train}_s{seed}"
-
-
-def _finetune_predict_evaluate(job: dict[str, Any]) -> dict[str, Any]:
-    """One demo cell in a worker process: fine-tune, predict the held-out cases, evaluate."""
-    import torch
-
-    from volssl.evaluation.evaluate import evaluate_folder
-    from volssl.finetuning.finetune import finetune
-    from volssl.inference.predict import predict_folder
-
-    torch.set_num_threads(1)
-    run = Path(job["run"])
-    metrics = run / "metrics.json"
-    t0 = time.time()
-    if not metrics.exists():
-        finetune(job["checkpoint"], job["dataset"], run, recipe=job["recipe"], n_train=job["n_train"],
-                 seed=job["seed"], overrides=job["overrides"], stage_steps=job["stage_steps"],
-                 method_name=job["init"], progress=False, resume=True)
-        predict_folder(run, job["test_images"], run / "predictions", mirror_axes=(), progress=False, device="cpu")
-        evaluate_folder(run / "predictions", job["test_labels"], metrics, progress=False)
-    mean = json.loads(metrics.read_text())["mean"]
-    run_json = json.loads((run / "run.json").read_text())
-    return {"init": job["init"], "n_train": run_json["n_train"], "seed": job["seed"], "dice": mean["dice"],
-            "nsd": mean["nsd"], "run": str(run), "seconds": round(time.time() - t0, 1)}
 
 
 def run_demo(out: str | Path = "volssl_demo", quick: bool = False, seed: int = 0, workers: int = 2) -> dict[str, Any]:
@@ -166,25 +139,26 @@ def run_demo(out: str | Path = "volssl_demo", quick: bool = False, seed: int = 0
     plan = load_checkpoint(checkpoint)["plan"]
     _say("preprocessing the labeled dataset with the checkpoint's plan (the paper's fixed setting)")
     labeled_pre = prepare_dataset(labeled, plan, out, out / "labeled_pre", workers=2, progress=True, check=True)
-    common = {"dataset": str(labeled_pre), "stage_steps": list(scale.stage_steps),
+    common = {"dataset": str(labeled_pre), "dataset_name": "brain", "stage_steps": list(scale.stage_steps), "threads": 1,
               "test_images": str(labeled / "imagesTs"), "test_labels": str(labeled / "labelsTs")}
     jobs = []
     for n_train in scale.n_trains:
         for s in scale.seeds:
-            jobs.append({**common, "init": "s3d", "checkpoint": str(checkpoint), "recipe": "s3d-tiny",
+            jobs.append({**common, "method": "s3d", "checkpoint": str(checkpoint), "recipe": "s3d-tiny",
                          "overrides": DEMO_FINETUNE, "n_train": n_train, "seed": s,
-                         "run": str(out / "finetune" / _job_name("s3d", n_train, s))})
-            jobs.append({**common, "init": "scratch", "checkpoint": None, "recipe": "scratch-s3d-schedule-tiny",
+                         "run": str(out / "finetune" / cell_name("s3d", n_train, s))})
+            jobs.append({**common, "method": "scratch", "checkpoint": None, "recipe": "scratch-s3d-schedule-tiny",
                          "overrides": [f"patch_size={p},{p},{p}", f"arch={cfg.model.arch}", *DEMO_FINETUNE],
                          "n_train": n_train,
-                         "seed": s, "run": str(out / "finetune" / _job_name("scratch", n_train, s))})
+                         "seed": s, "run": str(out / "finetune" / cell_name("scratch", n_train, s))})
     _say(f"fine-tuning {len(jobs)} runs ({workers} at a time: S3D init vs scratch, n_train "
          f"{['all' if n is None else n for n in scale.n_trains]}, seeds {list(scale.seeds)}; stages "
          f"{'+'.join(map(str, scale.stage_steps))} steps), then predicting and evaluating the held-out cases")
     runs: list[dict[str, Any]] = []
     ctx = __import__("multiprocessing").get_context("spawn")
     with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=ctx) as pool:
-        for r in pool.map(_finetune_predict_evaluate, jobs):
+        for r in pool.map(run_cell, jobs):
+            r["init"] = r["method"]
             runs.append(r)
             _say(f"  {Path(r['run']).name:<22} Dice {r['dice']:.3f}  NSD {r['nsd']:.3f}  ({r['seconds']} s)")
 

@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "models",  # volssl models, volssl import-checkpoint
     "bench",  # volssl bench loader|step|...
     "demo",  # volssl demo
+    "benchmark",  # volssl benchmark
 ]
 
 

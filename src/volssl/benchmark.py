@@ -1,0 +1,416 @@
+"""``volssl benchmark``: the papers' comparison on the user's data (or on phantom tasks), from one command.
+
+For every *arm* (a pre-training method plus its fine-tuning recipe, or a from-scratch baseline; see
+:data:`ARMS`) and every labeled dataset, the benchmark
+
+1. pre-trains the arm's preset once per unlabeled pool (``OUT/pretrain/<arm>/``; the pool is
+   preprocessed once per preprocessing plan into ``OUT/pool/<plan>/``);
+2. preprocesses each labeled dataset once per plan (``OUT/labeled/<dataset>/<plan>/``);
+3. fine-tunes each (arm, dataset, n_train, seed) *cell* (``OUT/finetune/<dataset>/<arm>_n<N>_s<S>/``),
+   predicts the dataset's held-out cases in their original geometry and evaluates them (Dice, NSD);
+   with ``generalisation`` pairs ``A:B``, the runs trained on A also predict B's test cases
+   (``OUT/finetune/A->B/...``: a run.json naming the dataset ``A->B`` and its metrics.json);
+4. writes ``volssl report`` (``OUT/report/``): the Dice/NSD table with average ranks, bootstrapped rank
+   stability, the low-data curve, and the generalisation column; and ``OUT/benchmark.json`` (every cell).
+
+Resumable: a cell whose metrics.json exists is not recomputed, a finished pre-training is reused,
+an interrupted one continues from its latest checkpoint. Cells run ``workers`` at a time (spawned
+processes, one CPU thread each).
+
+Scales (:class:`BenchScale`): ``tiny`` (the demo scale: 64^3 phantoms at 2 mm, 32^3 patches, the
+presets' ``-tiny`` siblings, a few hundred steps; fits 2 CPU cores) and ``quick`` (CI: a handful of
+steps, numbers meaningless). Real-scale presets run with ``scale="full"`` (the presets' own patch,
+steps and recipes, on a GPU).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from volssl.util.atomic import write_json_atomic
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One row of the comparison: a pre-training preset (None: from scratch) and a fine-tuning recipe.
+
+    ``recipe`` and ``preset`` are real-scale names; the tiny scales use their ``-tiny`` siblings.
+    ``plan`` preprocesses the unlabeled pool and the labeled data (the paper's "fixed" setting: the
+    pre-training plan; from scratch the same plan unless ``plan="dynamic"``). ``label`` is the
+    paper's name for the row; ``domain`` the kind of unlabeled pool it pre-trains on.
+    """
+
+    name: str
+    label: str
+    recipe: str
+    preset: str | None = None
+    plan: str = "s3d"
+    arch: str | None = None  # from scratch: the architecture (real scale; the tiny scale uses its sibling)
+    finetune_overrides: tuple[str, ...] = ()
+
+
+ARMS: dict[str, Arm] = {a.name: a for a in (
+    Arm("s3d", "S3D (sparse MAE, ResEnc)", "s3d", preset="s3d-b"),
+    Arm("no-fixed", "No (Fixed): ResEnc from scratch, pre-training plan", "scratch-s3d-schedule", arch="resenc-l"),
+    Arm("no-dyn", "No (Dyn.): ResEnc from scratch, nnU-Net-style dynamic plan", "scratch-dynamic", plan="dynamic"),
+    Arm("models-genesis", "Models Genesis (ResEnc)", "s3d", preset="models-genesis"),
+    Arm("volume-fusion", "VolumeFusion (ResEnc)", "s3d", preset="volume-fusion"),
+    Arm("voco", "VoCo (ResEnc encoder)", "s3d-encoder", preset="voco"),
+    Arm("amaes-unet", "AMAES (U-Net B)", "amaes", preset="amaes-unet-b", plan="amaes"),
+    Arm("amaes-unet-no-intensity", "AMAES without intensity augmentation (U-Net B)", "amaes",
+        preset="amaes-unet-b-no-intensity", plan="amaes"),
+    Arm("scratch-unet", "U-Net B from scratch (AMAES schedule)", "scratch-amaes-schedule", plan="amaes",
+        arch="unet-b"),
+    Arm("swinunetr-ssl", "SwinUNETR self-supervised (rotation + contrastive + inpainting)", "swinunetr",
+        preset="swinunetr-ssl", plan="amaes"),
+    Arm("mae-xnt", "MAE-XNT (ViT-B MAE, UNETR)", "mae-xnt", preset="mae-xnt", plan="xnt"),
+    Arm("scratch-vit", "ViT-B UNETR from scratch (MAE-XNT schedule)", "scratch-mae-xnt-schedule", plan="xnt",
+        arch="vit-b-unetr"),
+)}
+
+
+#: phantom kind -> the domain of its unlabeled pool; domain -> the phantom kind the pool is made of
+DOMAINS = {"brain": "brain", "nuclei": "xnt", "axons": "xnt"}
+POOL_KINDS = {"brain": "brain", "xnt": "nuclei"}
+
+
+@dataclass(frozen=True)
+class BenchScale:
+    """Sizes of a benchmark variant (``None``: the preset's / recipe's own value)."""
+
+    name: str
+    tiny: bool  # use the -tiny presets and recipes
+    spacing: tuple[float, float, float] | None  # target spacing of every plan (None: the plan's)
+    patch: int | None  # pre-training and fine-tuning patch side
+    pretrain_steps: int | None
+    finetune_steps: int | None  # total fine-tuning steps, split over a recipe's stages in its proportions
+    n_unlabeled: int = 24  # phantom pool size
+    phantom_shape: int = 64
+    n_labeled: int = 16
+    n_test: int = 4
+    #: the same CPU-budget optimiser for every arm at the tiny scales (see volssl.demo.DEMO_FINETUNE)
+    finetune_overrides: tuple[str, ...] = ()
+
+
+_CPU_FT = ("optim.name=adamw", "optim.lr=2e-3", "optim.weight_decay=1e-2", "foreground_prob=0.9")
+SCALES: dict[str, BenchScale] = {s.name: s for s in (
+    BenchScale("tiny", True, (2.0, 2.0, 2.0), 32, 400, 400, finetune_overrides=_CPU_FT),
+    BenchScale("quick", True, (2.0, 2.0, 2.0), 32, 4, 6, n_unlabeled=4, phantom_shape=48, n_labeled=5, n_test=2,
+               finetune_overrides=_CPU_FT),
+    BenchScale("full", False, None, None, None, None, n_unlabeled=200, phantom_shape=160, n_labeled=40, n_test=10),
+)}
+
+
+def stage_lengths(recipe: str, total: int) -> list[int]:
+    """``recipe``'s stage lengths rescaled to sum to ``total`` (each >= 1), in the recipe's proportions."""
+    from volssl.finetuning.recipes import get_recipe
+
+    steps = [s.steps for s in get_recipe(recipe).stages]
+    if total < len(steps):
+        raise ValueError(f"{total} fine-tuning steps cannot cover the {len(steps)} stages of recipe {recipe!r}")
+    raw = [max(1, round(total * s / sum(steps))) for s in steps]
+    raw[-1] = max(1, total - sum(raw[:-1]))
+    return raw
+
+
+def _tiny(name: str | None, scale: BenchScale) -> str | None:
+    if name is None or not scale.tiny or name.endswith("-tiny"):
+        return name
+    return f"{name}-tiny"
+
+
+def cell_name(arm: str, n_train: int | float | None, seed: int) -> str:
+    """``<arm>_n<N>_s<S>`` (``nall`` for every training case, ``f0.1`` for a fraction)."""
+    n = "all" if n_train is None else (f"f{n_train:g}" if isinstance(n_train, float) else str(n_train))
+    return f"{arm}_n{n}_s{seed}"
+
+
+def run_cell(job: dict[str, Any]) -> dict[str, Any]:
+    """Fine-tune one cell, predict its test cases (and generalisation targets), evaluate; returns its scores.
+
+    Runs in a worker process (one CPU thread); a cell with a metrics.json is only read back.
+    """
+    import torch
+
+    from volssl.evaluation.evaluate import evaluate_folder
+    from volssl.finetuning.finetune import finetune
+    from volssl.inference.predict import predict_folder
+
+    if job.get("threads"):
+        torch.set_num_threads(int(job["threads"]))
+    run = Path(job["run"])
+    metrics = run / "metrics.json"
+    t0 = time.time()
+    if not metrics.exists():
+        n_train = job["n_train"]
+        finetune(job["checkpoint"], job["dataset"], run, recipe=job["recipe"],
+                 n_train=n_train if isinstance(n_train, int) else None,
+                 fraction=n_train if isinstance(n_train, float) else None,
+                 seed=job["seed"], overrides=job["overrides"], stage_steps=job.get("stage_steps"),
+                 method_name=job["method"], progress=False, resume=True)
+        predict_folder(run, job["test_images"], run / "predictions", mirror_axes=(), progress=False,
+                       device=job.get("device", "cpu"))
+        evaluate_folder(run / "predictions", job["test_labels"], metrics, progress=False)
+    out = {"method": job["method"], "dataset": job["dataset_name"], "n_train": json.loads(
+        (run / "run.json").read_text())["n_train"], "seed": job["seed"], "run": str(run),
+           **_means(metrics), "generalisation": []}
+    for target in job.get("generalisation", []):
+        gdir = Path(target["run"])
+        gmetrics = gdir / "metrics.json"
+        if not gmetrics.exists():
+            predict_folder(run, target["test_images"], gdir / "predictions", mirror_axes=(), progress=False,
+                           device=job.get("device", "cpu"))
+            evaluate_folder(gdir / "predictions", target["test_labels"], gmetrics, progress=False)
+            run_json = json.loads((run / "run.json").read_text())
+            write_json_atomic(gdir / "run.json", {**run_json, "dataset": target["name"], "trained_on": str(run)})
+        out["generalisation"].append({"dataset": target["name"], "run": str(gdir), **_means(gmetrics)})
+    out["seconds"] = round(time.time() - t0, 1)
+    return out
+
+
+def _means(metrics: Path) -> dict[str, float]:
+    mean = json.loads(metrics.read_text())["mean"]
+    return {"dice": mean["dice"], "nsd": mean["nsd"]}
+
+
+@dataclass
+class BenchmarkPlan:
+    """What :func:`run_benchmark` will do (resolved arms, datasets and cells); see :func:`plan_benchmark`."""
+
+    arms: list[Arm]
+    datasets: dict[str, dict[str, Any]]  # name -> {"raw": path, "domain": str}
+    n_trains: list[int | float | None]
+    seeds: list[int]
+    generalisation: list[tuple[str, str]]
+    scale: BenchScale
+    cells: list[tuple[str, str, int | float | None, int]] = field(default_factory=list)
+
+
+def parse_n_train(text: str) -> int | float | None:
+    """``"all"`` -> None, ``"2"`` -> 2, ``"0.1"`` or ``"10%"`` -> 0.1 (a fraction of the fold's training cases)."""
+    t = text.strip().lower()
+    if t in ("all", "none", "100%"):
+        return None
+    if t.endswith("%"):
+        value = float(t[:-1]) / 100
+    elif "." in t:
+        value = float(t)
+    else:
+        n = int(t)
+        if n < 1:
+            raise ValueError(f"n_train must be >= 1, a fraction in (0, 1] or 'all', got {text!r}")
+        return n
+    if not 0 < value <= 1:
+        raise ValueError(f"a fraction of training cases must lie in (0, 1], got {text!r}")
+    return None if value == 1 else value
+
+
+def run_benchmark(out: str | Path, methods: Sequence[str], datasets: Sequence[str], n_trains: Sequence[Any] = (2,),
+                  seeds: Sequence[int] = (0, 1, 2), scale: str = "tiny", generalisation: Sequence[str] = (),
+                  unlabeled: str | None = None, workers: int = 2, device: str = "cpu", seed: int = 0,
+                  report: bool = True) -> dict[str, Any]:
+    """Run the comparison into ``out`` (see the module docstring); returns ``benchmark.json``'s content.
+
+    Args:
+        out: the benchmark folder (rerunning resumes).
+        methods: names of :data:`ARMS`.
+        datasets: phantom task names (``volssl phantoms --list-tasks``) or nnU-Net v2 raw dataset folders
+            (with imagesTs/labelsTs for the held-out cases).
+        n_trains: labeled training cases per cell: ints, fractions (``0.1``), or None / "all".
+        seeds: fine-tuning seeds (subset, initialisation, patches).
+        scale: a key of :data:`SCALES`.
+        generalisation: ``"A:B"`` pairs: runs trained on dataset A also predict B's test cases.
+        unlabeled: an nnU-Net raw dataset or image folder as the unlabeled pool (default: phantoms of
+            each dataset's domain, generated into ``out/unlabeled/<domain>``).
+        workers: cells fine-tuned in parallel (one thread each); device: "cpu", "cuda", ...
+    """
+    from volssl.reports.report import make_report
+
+    if scale not in SCALES:
+        raise ValueError(f"unknown benchmark scale {scale!r}; choose one of {', '.join(SCALES)}")
+    sc = SCALES[scale]
+    unknown = [m for m in methods if m not in ARMS]
+    if unknown:
+        raise ValueError(f"unknown benchmark method(s) {unknown}; known: {', '.join(ARMS)}")
+    if not methods or not datasets:
+        raise ValueError("give at least one method and one dataset")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    n_trains = [parse_n_train(str(n)) if not (n is None or isinstance(n, (int, float))) else n for n in n_trains]
+    pairs = [tuple(g.split(":", 1)) for g in generalisation]
+    for g, pair in zip(generalisation, pairs):
+        if len(pair) != 2 or pair[0] not in datasets:
+            raise ValueError(f"generalisation {g!r} must be 'A:B' with A one of the datasets {list(datasets)}")
+    data = {name: _labeled_dataset(name, out, sc, seed) for name in {*datasets, *(b for _, b in pairs)}}
+    arms = [ARMS[m] for m in methods]
+
+    # 1. pre-training, once per (arm, domain) --------------------------------------------------------
+    checkpoints: dict[tuple[str, str], str | None] = {}
+    for arm in arms:
+        for domain in sorted({data[d]["domain"] for d in datasets}):
+            checkpoints[(arm.name, domain)] = (None if arm.preset is None else
+                                               _pretrain(arm, domain, out, sc, seed, unlabeled))
+
+    # 2./3. cells -----------------------------------------------------------------------------------
+    jobs = []
+    for d in datasets:
+        info = data[d]
+        for arm in arms:
+            ckpt = checkpoints[(arm.name, info["domain"])]
+            plan = _plan(arm, sc, ckpt)
+            pre = _prepare_labeled(info["raw"], plan, out / "labeled" / d / plan["name"])
+            recipe = _tiny(arm.recipe, sc)
+            overrides = list(arm.finetune_overrides) + list(sc.finetune_overrides)
+            if sc.patch:
+                overrides.append(f"patch_size={sc.patch},{sc.patch},{sc.patch}")
+            if arm.preset is None and arm.arch:
+                from volssl.models.registry import tiny_arch
+
+                overrides.append(f"arch={tiny_arch(arm.arch) if sc.tiny else arm.arch}")
+            steps = stage_lengths(recipe, sc.finetune_steps) if sc.finetune_steps else None
+            for n in n_trains:
+                for s in seeds:
+                    run = out / "finetune" / d / cell_name(arm.name, n, s)
+                    gen = [{"name": f"{d}->{b}", "run": str(out / "finetune" / f"{d}->{b}" / run.name),
+                            "test_images": str(data[b]["raw"] / "imagesTs"),
+                            "test_labels": str(data[b]["raw"] / "labelsTs")} for a, b in pairs if a == d]
+                    jobs.append({"method": arm.name, "dataset_name": d, "checkpoint": ckpt, "dataset": str(pre),
+                                 "recipe": recipe, "overrides": overrides, "stage_steps": steps, "n_train": n,
+                                 "seed": s, "run": str(run), "test_images": str(info["raw"] / "imagesTs"),
+                                 "test_labels": str(info["raw"] / "labelsTs"), "generalisation": gen,
+                                 "threads": 1, "device": device})
+    _say(f"{len(jobs)} fine-tuning cells ({len(arms)} methods x {len(datasets)} datasets x n_train "
+         f"{['all' if n is None else n for n in n_trains]} x seeds {list(seeds)}), {workers} at a time")
+    results = []
+    if workers <= 1:
+        for job in jobs:
+            results.append(_done(run_cell(job)))
+    else:
+        ctx = __import__("multiprocessing").get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            for r in pool.map(run_cell, jobs):
+                results.append(_done(r))
+
+    # 4. report ---------------------------------------------------------------------------------------
+    summary = {"scale": dataclasses.asdict(sc), "methods": {a.name: dataclasses.asdict(a) for a in arms},
+               "datasets": {k: {"raw": str(v["raw"]), "domain": v["domain"]} for k, v in data.items()},
+               "checkpoints": {f"{a}@{d}": c for (a, d), c in checkpoints.items()},
+               "cells": results, "seconds": round(time.time() - t0, 1)}
+    if report:
+        make_report([out / "finetune"], out / "report")
+        summary["report"] = str(out / "report" / "report.md")
+    write_json_atomic(out / "benchmark.json", summary)
+    _say(f"done in {summary['seconds']} s; report: {summary.get('report')}")
+    return summary
+
+
+def _say(msg: str) -> None:
+    print(f"[volssl benchmark] {msg}", flush=True)
+
+
+def _done(r: dict[str, Any]) -> dict[str, Any]:
+    gen = "".join(f"; {g['dataset']} Dice {g['dice']:.3f}" for g in r["generalisation"])
+    _say(f"  {r['dataset']}/{Path(r['run']).name:<34} Dice {r['dice']:.3f}  NSD {r['nsd']:.3f}{gen} ({r['seconds']} s)")
+    return r
+
+
+def _labeled_dataset(name: str, out: Path, sc: BenchScale, seed: int) -> dict[str, Any]:
+    """A labeled dataset: a folder, or a phantom task generated into ``out/datasets/<name>``."""
+    from volssl.data import phantoms
+
+    path = Path(name).expanduser()
+    if path.exists():
+        meta = json.loads((path / "dataset.json").read_text()) if (path / "dataset.json").is_file() else {}
+        kind = (meta.get("volssl_phantoms") or {}).get("kind", "brain")
+        return {"raw": path.resolve(), "domain": DOMAINS.get(kind, "brain")}
+    if name not in phantoms.PHANTOM_KINDS:
+        raise ValueError(f"dataset {name!r} is neither a folder nor a phantom task "
+                         f"({', '.join(phantoms.PHANTOM_KINDS)})")
+    raw = out / "datasets" / name
+    if not (raw / "dataset.json").exists():
+        _say(f"generating phantom task {name!r} ({sc.n_labeled} + {sc.n_test} cases, {sc.phantom_shape}^3) -> {raw}")
+        phantoms.generate_phantoms(raw, name, n=sc.n_labeled, n_test=sc.n_test, seed=seed,
+                                   shape=(sc.phantom_shape,) * 3, overwrite=True, progress=False)
+    return {"raw": raw.resolve(), "domain": DOMAINS.get(name, "brain")}
+
+
+def _pool(domain: str, out: Path, sc: BenchScale, seed: int, unlabeled: str | None) -> Path:
+    from volssl.data import phantoms
+
+    if unlabeled:
+        return Path(unlabeled).expanduser()
+    raw = out / "unlabeled" / domain
+    if not (raw / "dataset.json").exists():
+        kind = POOL_KINDS[domain]
+        _say(f"generating the unlabeled {domain} pool ({sc.n_unlabeled} {kind} phantoms) -> {raw}")
+        phantoms.generate_phantoms(raw, kind, n=sc.n_unlabeled, n_test=0, seed=seed + 1000,
+                                   shape=(sc.phantom_shape,) * 3, overwrite=True, progress=False)
+    return raw
+
+
+def _scaled_plan(name: str, sc: BenchScale):
+    from volssl.data.preprocess import get_plan
+
+    plan = get_plan(name)
+    if sc.spacing:
+        plan.target_spacing = sc.spacing
+    plan.rules.min_file_bytes = None  # small phantoms compress below the 200 kB rule meant for real scans
+    return plan
+
+
+def _pretrain(arm: Arm, domain: str, out: Path, sc: BenchScale, seed: int, unlabeled: str | None) -> str:
+    """Pre-train ``arm`` on the ``domain`` pool (resumed if interrupted); its final checkpoint."""
+    from volssl.config import resolve
+    from volssl.data.preprocess import preprocess
+    from volssl.training.trainer import pretrain
+
+    run = out / "pretrain" / f"{arm.name}@{domain}"
+    final = run / "checkpoints" / "final.pt"
+    if final.exists():
+        return str(final)
+    plan = _scaled_plan(arm.plan, sc)
+    pre = out / "pool" / domain / plan.name
+    preprocess(_pool(domain, out, sc, seed, unlabeled), pre, plan=plan, workers=2, progress=False)  # resumable
+    overrides = [f"train.seed={seed}"]
+    if sc.pretrain_steps:
+        every = max(sc.pretrain_steps // 4, 1)
+        overrides += [f"train.steps={sc.pretrain_steps}", f"train.preview_every={every}",
+                      f"train.checkpoint_every={every}"]
+    if sc.patch:
+        overrides.append(f"data.patch_size={sc.patch},{sc.patch},{sc.patch}")
+    cfg = resolve(_tiny(arm.preset, sc), overrides)
+    _say(f"pre-training {arm.name} ({cfg.preset}: {cfg.model.arch}, {tuple(cfg.data.patch_size)}, "
+         f"{cfg.train.steps} steps) on the {domain} pool -> {run}")
+    res = pretrain(cfg, pre, run, resume=True, progress=False)
+    _say(f"  {arm.name}: {res.get('status')} at step {res.get('step')}, loss EMA {res.get('loss_ema')}")
+    if res.get("status") != "finished":
+        raise RuntimeError(f"pre-training {arm.name} stopped at step {res.get('step')} ({res.get('signal')})")
+    return str(final)
+
+
+def _plan(arm: Arm, sc: BenchScale, checkpoint: str | None) -> dict[str, Any]:
+    """The plan the arm's labeled data is preprocessed with: the checkpoint's, else the arm's own."""
+    if checkpoint is not None:
+        from volssl.training.checkpoint import load_checkpoint
+
+        plan = load_checkpoint(checkpoint).get("plan")
+        if plan:
+            return plan
+    if arm.plan == "dynamic":
+        return {"name": "dynamic"}
+    return _scaled_plan(arm.plan, sc).to_dict()
+
+
+def _prepare_labeled(raw: Path, plan: dict[str, Any], dest: Path) -> Path:
+    """``raw`` preprocessed with ``plan`` into ``dest`` (once); the dynamic plan is left to fine-tuning."""
+    if plan.get("name") == "dynamic":
+        return raw
+    from volssl.finetuning.finetune import prepare_dataset
+
+    return prepare_dataset(raw, plan, dest.parent, dest, workers=2, progress=False, check=True)

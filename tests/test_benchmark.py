@@ -1,0 +1,60 @@
+"""volssl benchmark: cell bookkeeping, stage scaling, resume, report (quick scale)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from volssl.benchmark import ARMS, cell_name, parse_n_train, run_benchmark, stage_lengths
+
+
+def test_parse_n_train():
+    assert parse_n_train("all") is None
+    assert parse_n_train("2") == 2
+    assert parse_n_train("10%") == pytest.approx(0.1)
+    assert parse_n_train("0.01") == pytest.approx(0.01)
+    assert parse_n_train("100%") is None
+    for bad in ("0", "1.5", "-3"):
+        with pytest.raises(ValueError):
+            parse_n_train(bad)
+
+
+def test_stage_lengths_keep_proportions_and_total():
+    steps = stage_lengths("s3d", 400)  # 12.5k + 12.5k + 250k in the paper
+    assert sum(steps) == 400 and len(steps) == 3 and steps[0] == steps[1] and steps[2] > 15 * steps[0]
+    assert stage_lengths("scratch-s3d-schedule", 3) == [1, 1, 1]
+    with pytest.raises(ValueError, match="cannot cover"):
+        stage_lengths("s3d", 2)
+
+
+def test_cell_names():
+    assert cell_name("s3d", None, 0) == "s3d_nall_s0"
+    assert cell_name("voco", 2, 1) == "voco_n2_s1"
+    assert cell_name("mae-xnt", 0.1, 2) == "mae-xnt_nf0.1_s2"
+
+
+def test_unknown_method_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown benchmark method"):
+        run_benchmark(tmp_path, ["nope"], ["brain"], scale="quick")
+
+
+@pytest.mark.slow
+def test_quick_benchmark_runs_resumes_and_reports(tmp_path):
+    out = tmp_path / "bench"
+    kw = dict(methods=["s3d", "no-fixed"], datasets=["brain"], n_trains=[2], seeds=[0], scale="quick",
+              generalisation=["brain:brain"], workers=1)
+    result = run_benchmark(out, **kw)
+    cells = result["cells"]
+    assert {c["method"] for c in cells} == {"s3d", "no-fixed"}
+    assert all(0.0 <= c["dice"] <= 1.0 for c in cells)
+    assert all(len(c["generalisation"]) == 1 for c in cells)
+    run_json = json.loads((out / "finetune" / "brain->brain" / "s3d_n2_s0" / "run.json").read_text())
+    assert run_json["dataset"] == "brain->brain" and run_json["method"] == "s3d"
+    report = (out / "report" / "report.md").read_text()
+    assert "s3d" in report and "no-fixed" in report
+    metrics = out / "finetune" / "brain" / "s3d_n2_s0" / "metrics.json"
+    stamp = metrics.stat().st_mtime_ns
+    again = run_benchmark(out, **kw)  # resume: nothing recomputed
+    assert metrics.stat().st_mtime_ns == stamp
+    assert [c["dice"] for c in again["cells"]] == [c["dice"] for c in cells]
+    assert set(ARMS) >= {"s3d", "no-fixed", "no-dyn", "amaes-unet", "swinunetr-ssl", "mae-xnt", "voco"}
