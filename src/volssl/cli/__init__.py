@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "bench",  # volssl bench loader|step|...
     "demo",  # volssl demo
     "benchmark",  # volssl benchmark
+    "search",  # volssl search
 ]
 
 
