@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "finetune",  # volssl finetune, volssl recipes
     "predict",  # volssl predict
     "evaluate",  # volssl evaluate
+    "instances",  # volssl agglomerate, volssl evaluate-instances
     "report",  # volssl report
     "configs",  # volssl presets, volssl config show
     "models",  # volssl models, volssl import-checkpoint

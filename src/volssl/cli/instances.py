@@ -1,0 +1,465 @@
+"""``volssl agglomerate`` (affinities -> instance segmentations) and ``volssl evaluate-instances``.
+
+File conventions
+    Affinities (``AFFINITIES``: one file or a folder of them, one case each) hold ``C >= 3`` channels,
+    channels 0-2 the nearest-neighbour affinities along volssl axes x, y, z
+    (:mod:`volssl.inference.agglomerate`):
+    * ``.npy``: ``(C, X, Y, Z)`` (memory-mapped);
+    * ``.nii`` / ``.nii.gz``: 4D ``(X, Y, Z, C)`` (NIfTI keeps the channels last);
+    * ``.zarr``: an array stored ``(C, Z, Y, X)`` (OME-Zarr's c, z, y, x order, as
+      :mod:`volssl.data.readers` reads Zarr volumes), read lazily block by block.
+    Segmentations go to ``OUT/t<threshold>/<case><same suffix>``: ``.npy`` ``(X, Y, Z)`` uint64,
+    ``.nii.gz`` (uint32 when the ids fit, the affinities' affine), ``.zarr`` stored ``(Z, Y, X)``
+    uint64 (what ``volssl evaluate`` / ``evaluate-instances`` read back as ``(X, Y, Z)``), plus
+    ``OUT/agglomerate.json``. Zarr inputs are processed blockwise by default (``--block 256``), so a
+    volume never needs to fit in memory; other inputs are read whole unless ``--block`` is given.
+
+``evaluate-instances SEG_DIR GT_DIR`` pairs files by case id (file name without its suffix; any
+volume format of :mod:`volssl.data.readers`, or ``.npy``) and writes per-case and mean instance
+metrics (:mod:`volssl.evaluation.instance_metrics`). Reference skeletons for ERL come from
+skeletonising the reference labels (``--skeletons gt``, default), from ``--skeletons DIR``
+(``<case>.npz`` with ``nodes`` (N, 3) voxel coordinates x, y, z, ``edges`` (E, 2) node indices and
+``ids`` (N,) the skeleton id of each node; or a skeleton label volume ``<case><suffix>``), or are
+skipped (``--skeletons none``; then no ERL and no XPRESS score).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+AFFINITY_SUFFIXES = (".nii.gz", ".nii", ".npy", ".zarr")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from volssl.cli.args import cubic_size
+
+    p = sub.add_parser(
+        "agglomerate",
+        help="instance segmentations from affinities: watershed fragments + waterz agglomeration",
+        description=(
+            "Segments predicted affinities (channels 0-2: nearest-neighbour affinities along x, y, z; "
+            ".npy (C, X, Y, Z), .nii.gz (X, Y, Z, C), .zarr stored (C, Z, Y, X)) into instances: a "
+            "seeded watershed makes fragments, waterz merges them while 1 - mean boundary affinity is "
+            "below each threshold (higher merges more). Writes OUT/t<threshold>/<case> in the input's "
+            "format and OUT/agglomerate.json. Zarr inputs are processed blockwise (never whole in memory)."
+        ),
+    )
+    p.add_argument("affinities", help="affinity file (.npy, .nii.gz, .zarr) or a folder of them")
+    p.add_argument("out", help="output folder (created)")
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.6, 0.7], metavar="T",
+                   help="agglomeration thresholds (default: 0.5 0.6 0.7, MAE-XNT's search)")
+    p.add_argument("--block", type=lambda t: cubic_size(t, minimum=0, what="--block"), default=None,
+                   metavar="N|X,Y,Z", help="blockwise with this core block (default: 256 for .zarr, whole "
+                                           "volume otherwise; 0: whole volume)")
+    p.add_argument("--overlap", type=lambda t: cubic_size(t, minimum=0, what="--overlap"), default=(32, 32, 32),
+                   metavar="N|X,Y,Z", help="context per block side in voxels (default 32)")
+    p.add_argument("--boundary-threshold", type=float, default=0.5,
+                   help="mean nearest-neighbour affinity at or below which a voxel is boundary (default 0.5)")
+    p.add_argument("--seed-window", type=int, default=5, help="window (voxels) of the watershed seeds (default 5)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_agglomerate)
+
+    q = sub.add_parser(
+        "evaluate-instances",
+        help="instance metrics (VOI, adapted Rand, ERL, XPRESS score) of segmentations against references",
+        description=(
+            "Pairs the instance segmentations of SEG_DIR with the reference instance labels of GT_DIR by "
+            "case id (file name without suffix; NIfTI, NRRD/MHA, TIFF, Zarr or .npy) and writes VOI "
+            "split/merge, adapted Rand error and Rand split/merge (dense, background ignored), and with "
+            "skeletons the expected run length and the XPRESS score (Rand on skeleton nodes) per case "
+            "and their means to --out."
+        ),
+    )
+    q.add_argument("seg_dir", help="folder of segmentations (or one file)")
+    q.add_argument("gt_dir", help="folder of reference instance labels (or one file)")
+    q.add_argument("--out", required=True, help="metrics.json to write")
+    q.add_argument("--skeletons", default="gt", metavar="gt|none|DIR",
+                   help="reference skeletons: gt (skeletonise the references, default), none, or a folder "
+                        "of <case>.npz (nodes, edges, ids) / skeleton label volumes")
+    q.add_argument("--merge-penalty", choices=("skeleton", "segment"), default="skeleton",
+                   help="ERL: a merge zeroes the whole skeleton (funlib/XPRESS, default) or the segment's runs")
+    q.add_argument("--strict", action="store_true", help="exit with code 3 if a case is missing or failed")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar")
+    q.set_defaults(func=run_evaluate)
+
+
+# ----------------------------------------------------------------------------------------------
+# files
+
+
+def affinity_suffix(path: str | os.PathLike) -> str | None:
+    name = Path(path).name.lower()
+    for s in AFFINITY_SUFFIXES:
+        if name.endswith(s) and len(name) > len(s):
+            return s
+    return None
+
+
+def _strip(name: str, suffix: str) -> str:
+    return name[: -len(suffix)]
+
+
+class ReversedAxes:
+    """Array-like view of a Zarr array stored ``(..., Z, Y, X)`` as ``(..., X, Y, Z)``: indexing with
+    slices in volssl order reads / writes the matching stored region (leading axes, e.g. channels,
+    are kept). Only tuples of slices (or fewer, padded with ``:``) are supported."""
+
+    def __init__(self, array: Any, lead: int = 0) -> None:
+        self.array, self.lead = array, lead
+        shape = tuple(int(s) for s in array.shape)
+        self.shape = shape[:lead] + shape[lead:][::-1]
+        self.dtype = np.dtype(array.dtype)
+        self.ndim = len(self.shape)
+
+    def _key(self, key: Any) -> tuple[slice, ...]:
+        key = key if isinstance(key, tuple) else (key,)
+        if key and key[-1] is Ellipsis:
+            key = key[:-1]
+        if len(key) > self.ndim or not all(isinstance(k, slice) for k in key):
+            raise IndexError(f"ReversedAxes supports tuples of slices only, got {key!r}")
+        key = key + (slice(None),) * (self.ndim - len(key))
+        return key[: self.lead] + key[self.lead:][::-1]
+
+    def _perm(self, ndim: int) -> tuple[int, ...]:
+        return tuple(range(self.lead)) + tuple(range(ndim - 1, self.lead - 1, -1))
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        data = np.asarray(self.array[self._key(key)])
+        return np.ascontiguousarray(data.transpose(self._perm(data.ndim)))
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        value = np.asarray(value)
+        self.array[self._key(key)] = value.transpose(self._perm(value.ndim)) if value.ndim == self.ndim else value
+
+
+def open_affinities(path: str | os.PathLike) -> tuple[Any, np.ndarray]:
+    """``(array-like (C, X, Y, Z), affine (4, 4))`` of an affinity file (module docstring)."""
+    path = Path(path)
+    suffix = affinity_suffix(path)
+    if suffix is None:
+        raise ValueError(f"{path}: not an affinity file (known: {', '.join(AFFINITY_SUFFIXES)})")
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: file not found")
+    affine = np.eye(4)
+    try:
+        if suffix == ".npy":
+            arr: Any = np.load(path, mmap_mode="r")
+        elif suffix == ".zarr":
+            import zarr
+
+            node = zarr.open(str(path), mode="r")
+            if not isinstance(node, zarr.Array):
+                raise ValueError("a Zarr group; point to the array holding the affinities")
+            arr = ReversedAxes(node, lead=1)
+        else:
+            import nibabel as nib
+
+            img = nib.load(str(path))
+            data = np.asarray(img.dataobj, dtype=np.float32)
+            if data.ndim != 4:
+                raise ValueError(f"a NIfTI affinity file must be 4D (X, Y, Z, C), got shape {data.shape}")
+            arr, affine = np.moveaxis(data, -1, 0), img.affine
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{path}: cannot read affinities: {e}") from None
+    shape = tuple(arr.shape)
+    if len(shape) != 4 or shape[0] < 3:
+        raise ValueError(f"{path}: affinities must be (C, X, Y, Z) with C >= 3 (as stored: {suffix} convention "
+                         f"in `volssl agglomerate --help`), got shape {shape}")
+    if np.dtype(arr.dtype).kind != "f":
+        raise ValueError(f"{path}: affinities must be floating point in [0, 1], got dtype {arr.dtype}")
+    return arr, affine
+
+
+def _threshold_dir(out: Path, t: float) -> Path:
+    return out / f"t{t:g}"
+
+
+def _zarr_output(path: Path, shape: tuple[int, ...], block: tuple[int, int, int] | None) -> Any:
+    import zarr
+
+    chunks = tuple(min(s, 64 if block is None else min(b, 128)) for s, b in zip(shape, block or (64,) * 3))
+    arr = zarr.create_array(str(path), shape=tuple(shape[::-1]), chunks=chunks[::-1], dtype="uint64",
+                            fill_value=0, overwrite=True)
+    return ReversedAxes(arr, lead=0)
+
+
+def _write_volume(path: Path, seg: np.ndarray, affine: np.ndarray) -> None:
+    from volssl.util.atomic import atomic_path
+
+    suffix = affinity_suffix(path)
+    if suffix == ".npy":
+        with atomic_path(path, suffix=".npy") as tmp:
+            np.save(tmp, seg)
+    elif suffix in (".nii", ".nii.gz"):
+        import nibabel as nib
+
+        data = seg.astype(np.uint32) if seg.size == 0 or seg.max() < 2**32 else seg
+        img = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64))
+        img.set_qform(affine, code=1)
+        img.set_sform(affine, code=1)
+        with atomic_path(path, suffix=suffix) as tmp:
+            nib.save(img, str(tmp))
+    else:  # zarr, whole volume at once
+        tmp = path.with_name(f".{path.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        _zarr_output(tmp, seg.shape, None)[...] = seg
+        _replace_dir(tmp, path)
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    os.replace(tmp, path)
+
+
+def _affinity_cases(src: Path) -> list[tuple[str, Path]]:
+    if src.is_dir() and affinity_suffix(src) is None:
+        files = [f for f in sorted(src.iterdir()) if not f.name.startswith(".") and affinity_suffix(f)]
+        if not files:
+            raise FileNotFoundError(f"{src}: no affinity files ({', '.join(AFFINITY_SUFFIXES)})")
+    elif src.exists():
+        files = [src]
+    else:
+        raise FileNotFoundError(f"{src}: not found")
+    return [(_strip(f.name, affinity_suffix(f)), f) for f in files]
+
+
+# ----------------------------------------------------------------------------------------------
+# volssl agglomerate
+
+
+def agglomerate_case(
+    path: Path, case: str, out: Path, thresholds: list[float], block: tuple[int, int, int] | None,
+    overlap: tuple[int, int, int], boundary_threshold: float, seed_window: int, progress: bool,
+) -> dict[str, Any]:
+    """Segment one affinity file; returns its entry of agglomerate.json."""
+    from volssl.inference.agglomerate import segment, segment_blockwise
+
+    affs, affine = open_affinities(path)
+    suffix = affinity_suffix(path)
+    out_suffix = ".nii.gz" if suffix == ".nii" else suffix
+    if block is None:
+        block = (256, 256, 256) if suffix == ".zarr" else (0, 0, 0)
+    targets = {t: _threshold_dir(out, t) / f"{case}{out_suffix}" for t in thresholds}
+    for target in targets.values():
+        target.parent.mkdir(parents=True, exist_ok=True)
+    spatial = tuple(int(s) for s in affs.shape[1:])
+    counts: dict[float, int] = {}
+    if min(block) == 0:  # whole volume
+        segs = segment(np.asarray(affs[0:3], dtype=np.float32), thresholds,
+                       boundary_threshold=boundary_threshold, seed_window=seed_window)
+        for t, seg in segs.items():
+            _write_volume(targets[t], seg, affine)
+            counts[t] = int(np.unique(seg).size - (1 if (seg == 0).any() else 0))
+    elif out_suffix == ".zarr":  # streamed into the output arrays
+        tmps = {t: p.with_name(f".{p.name}.tmp") for t, p in targets.items()}
+        for tmp in tmps.values():
+            shutil.rmtree(tmp, ignore_errors=True)
+        outs = [_zarr_output(tmps[t], spatial, block) for t in thresholds]
+        counts = segment_blockwise(affs, outs, thresholds, block=block, overlap=overlap,
+                                   boundary_threshold=boundary_threshold, seed_window=seed_window, progress=progress)
+        for t in thresholds:
+            _replace_dir(tmps[t], targets[t])
+    else:  # blockwise, output in memory
+        outs = [np.zeros(spatial, np.uint64) for _ in thresholds]
+        counts = segment_blockwise(affs, outs, thresholds, block=block, overlap=overlap,
+                                   boundary_threshold=boundary_threshold, seed_window=seed_window, progress=progress)
+        for t, seg in zip(thresholds, outs):
+            _write_volume(targets[t], seg, affine)
+    return {"case": case, "input": str(path), "shape": list(spatial),
+            "segmentations": {f"{t:g}": {"path": str(targets[t]), "n_segments": int(counts[t])} for t in thresholds}}
+
+
+def run_agglomerate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from volssl.util.atomic import write_json_atomic
+
+    thresholds = list(dict.fromkeys(float(t) for t in args.thresholds))
+    if any(not math.isfinite(t) for t in thresholds):
+        raise ValueError(f"--thresholds must be finite numbers, got {args.thresholds}")
+    if not 0.0 <= args.boundary_threshold < 1.0:
+        raise ValueError(f"--boundary-threshold must be in [0, 1), got {args.boundary_threshold}")
+    if args.seed_window < 1:
+        raise ValueError(f"--seed-window must be >= 1, got {args.seed_window}")
+    cases = _affinity_cases(Path(args.affinities))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    done, errors = [], []
+    bar = tqdm(cases, desc="agglomerate", unit="case", disable=args.no_progress, file=sys.stderr)
+    for case, path in bar:
+        try:
+            done.append(agglomerate_case(path, case, out, thresholds, args.block, args.overlap,
+                                         args.boundary_threshold, args.seed_window, not args.no_progress))
+        except (ValueError, OSError, MemoryError) as e:
+            msg = str(e) if str(path) in str(e) else f"{path}: {e}"
+            errors.append({"case": case, "error": msg})
+            print(f"volssl agglomerate: warning: {msg}", file=sys.stderr)
+    write_json_atomic(out / "agglomerate.json", {
+        "cases": done, "errors": errors,
+        "settings": {"thresholds": thresholds, "block": list(args.block) if args.block else None,
+                     "overlap": list(args.overlap), "boundary_threshold": args.boundary_threshold,
+                     "seed_window": args.seed_window},
+    })
+    for t in thresholds:
+        print(f"t={t:g}: {len(done)} segmentation(s) in {_threshold_dir(out, t)}")
+    return 3 if errors else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# volssl evaluate-instances
+
+
+def _label_suffix(path: Path) -> str | None:
+    from volssl.data.readers import volume_suffix
+
+    if path.name.lower().endswith(".npy") and len(path.name) > 4:
+        return ".npy"
+    return volume_suffix(path)
+
+
+def _label_files(src: Path, what: str) -> dict[str, Path]:
+    if not src.exists():
+        raise FileNotFoundError(f"{what} {src}: not found")
+    if src.is_dir() and _label_suffix(src) is None:
+        files = [f for f in sorted(src.iterdir()) if not f.name.startswith(".") and _label_suffix(f)]
+    else:
+        files = [src]
+    out: dict[str, Path] = {}
+    for f in files:
+        case = _strip(f.name, _label_suffix(f))
+        if case.lower().endswith(".ome"):
+            case = case[:-4]
+        if case in out:
+            raise ValueError(f"{what}: two files for case {case!r}: {out[case].name} and {f.name}")
+        out[case] = f
+    return out
+
+
+def read_labels(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """``(labels (X, Y, Z) integer, spacing)`` of a label file (.npy: spacing 1)."""
+    from volssl.data.readers import VolumeError, read_volume
+
+    if _label_suffix(path) == ".npy":
+        try:
+            arr, spacing = np.load(path), (1.0, 1.0, 1.0)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: cannot read: {e}") from None
+    else:
+        try:
+            arr, affine = read_volume(path, spacing=(1.0, 1.0, 1.0))
+        except VolumeError as e:
+            raise ValueError(str(e)) from None
+        spacing = tuple(float(v) for v in np.sqrt((affine[:3, :3] ** 2).sum(0)))
+    if arr.ndim != 3:
+        raise ValueError(f"{path}: labels must be 3D, got shape {arr.shape}")
+    if arr.dtype.kind == "f":
+        if not np.array_equal(np.rint(arr), arr):
+            raise ValueError(f"{path}: not a label map: it holds non-integer values")
+        arr = arr.astype(np.int64)
+    elif arr.dtype.kind not in "iub":
+        raise ValueError(f"{path}: not a label map: dtype {arr.dtype}")
+    return arr, spacing  # type: ignore[return-value]
+
+
+def _skeletons_for(case: str, gt: np.ndarray, mode: str) -> Any:
+    from volssl.evaluation.instance_metrics import skeletonize_labels
+
+    if mode == "none":
+        return None
+    if mode == "gt":
+        return skeletonize_labels(gt)
+    folder = Path(mode)
+    npz = folder / f"{case}.npz"
+    if npz.is_file():
+        with np.load(npz) as z:
+            missing = {"nodes", "edges", "ids"} - set(z.files)
+            if missing:
+                raise ValueError(f"{npz}: missing arrays {sorted(missing)} (needs nodes, edges, ids)")
+            nodes, edges, ids = z["nodes"], z["edges"].astype(np.int64), z["ids"]
+        if len(ids) != len(nodes):
+            raise ValueError(f"{npz}: ids has {len(ids)} entries for {len(nodes)} nodes")
+        out = []
+        for k in np.unique(ids):
+            sel = np.flatnonzero(ids == k)
+            remap = -np.ones(len(nodes), np.int64)
+            remap[sel] = np.arange(sel.size)
+            e = edges[(ids[edges[:, 0]] == k) & (ids[edges[:, 1]] == k)] if edges.size else edges.reshape(0, 2)
+            out.append((nodes[sel], remap[e]))
+        return out
+    files = _label_files(folder, "--skeletons")
+    if case not in files:
+        raise ValueError(f"--skeletons {folder}: no {case}.npz or skeleton volume for case {case!r}")
+    vol, _ = read_labels(files[case])
+    return vol
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from volssl.evaluation.instance_metrics import evaluate_instances
+    from volssl.util.atomic import write_json_atomic
+
+    if args.skeletons not in ("gt", "none") and not Path(args.skeletons).is_dir():
+        raise FileNotFoundError(f"--skeletons {args.skeletons}: not 'gt', 'none' or a folder")
+    segs = _label_files(Path(args.seg_dir), "SEG_DIR")
+    gts = _label_files(Path(args.gt_dir), "GT_DIR")
+    if len(segs) == 1 and len(gts) == 1 and Path(args.seg_dir).is_file():  # two single files
+        segs = {next(iter(gts)): next(iter(segs.values()))}
+    cases, errors = [], []
+    missing = sorted(set(gts) - set(segs))
+    bar = tqdm(sorted(set(gts) & set(segs)), desc="evaluate-instances", unit="case", disable=args.no_progress,
+               file=sys.stderr)
+    for case in bar:
+        try:
+            seg, _ = read_labels(segs[case])
+            gt, spacing = read_labels(gts[case])
+            if seg.shape != gt.shape:
+                raise ValueError(f"{segs[case]}: shape {seg.shape} differs from the reference {gts[case]} {gt.shape}")
+            skeletons = _skeletons_for(case, gt, args.skeletons)
+            m = evaluate_instances(seg, gt, skeletons, spacing=spacing, merge_penalty=args.merge_penalty)
+            cases.append({"case": case, **m})
+        except (ValueError, OSError, MemoryError) as e:
+            errors.append({"case": case, "error": str(e)})
+            print(f"volssl evaluate-instances: warning: case {case} not scored: {e}", file=sys.stderr)
+    keys = [k for k in (cases[0] if cases else {}) if k != "case"]
+    mean = {k: _nanmean([c[k] for c in cases]) for k in keys}
+    result = {
+        "cases": _nan_to_none(cases), "mean": _nan_to_none(mean), "n_cases": len(cases), "missing": missing,
+        "unmatched_predictions": sorted(set(segs) - set(gts)), "errors": errors,
+        "settings": {"skeletons": args.skeletons, "merge_penalty": args.merge_penalty, "ignore_gt": [0],
+                     "rand_pairs": "distinct voxels (dense); with self-pairs on skeleton nodes (xpress_*)"},
+    }
+    write_json_atomic(args.out, result)
+    shown = [k for k in ("voi_split", "voi_merge", "rand_split", "rand_merge", "rand_error", "erl_normalised",
+                         "xpress_rand_split", "xpress_rand_merge", "xpress") if k in mean]
+    for k in shown:
+        print(f"{k:>18} {mean[k]:10.4f}")
+    print(f"{'cases':>18} {len(cases):10d}")
+    for case in missing:
+        print(f"volssl evaluate-instances: warning: no segmentation for case {case}", file=sys.stderr)
+    print(f"wrote {args.out}")
+    return 3 if args.strict and (missing or errors) else 0
+
+
+def _nanmean(values: list[Any]) -> float:
+    arr = np.array([float(v) for v in values], dtype=np.float64)
+    arr = arr[~np.isnan(arr)]
+    return float(arr.mean()) if arr.size else math.nan
+
+
+def _nan_to_none(obj: Any) -> Any:
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_nan_to_none(v) for v in obj]
+    return obj
