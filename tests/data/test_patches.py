@@ -207,3 +207,32 @@ def test_invalid_arguments(ds):
         PatchSampler(ds, PATCH, cases=["nope"])
     with pytest.raises(IndexError):
         sampler[-1]
+
+
+def test_symmetries_and_crop_zscore_options(ds):
+    """data.symmetries / data.crop_zscore on the preprocessed path: off = identity (symmetry 0); on = a
+    symmetry of the (permuted) window, labels transformed alike, each patch z-scored."""
+    from volssl.data.cube_symmetries import invert_symmetry
+
+    plain = PatchSampler(ds, (16, 12, 8), seed=4, foreground_prob=0.5, with_labels=True)
+    sym = PatchSampler(ds, (16, 12, 8), seed=4, foreground_prob=0.5, with_labels=True, symmetries=True)
+    seen = set()
+    for k in range(30):
+        a = plain[k]
+        assert a["symmetry"] == 0
+        b = sym[k]
+        d = sym.draw(k)
+        assert b["image"].shape == (2, 16, 12, 8) and b["label"].shape == (1, 16, 12, 8)
+        w, o = d["window"], np.array(d["origin"])
+        full = load_array(ds.image_path(b["case"]))
+        pad = 16
+        padded = np.pad(full, [(0, 0)] + [(pad, pad)] * 3)
+        window = padded[:, o[0] + pad:o[0] + pad + w[0], o[1] + pad:o[1] + pad + w[1], o[2] + pad:o[2] + pad + w[2]]
+        np.testing.assert_array_equal(invert_symmetry(b["image"].numpy(), b["symmetry"]), window)
+        assert invert_symmetry(b["label"].numpy(), b["symmetry"]).shape == (1, *w)
+        seen.add(b["symmetry"])
+    assert len(seen) > 15
+    z = PatchSampler(ds, 16, seed=4, crop_zscore=True, channel_mode="single")
+    for k in range(5):
+        x = z[k]["image"].double()
+        assert abs(float(x.mean())) < 1e-5 and abs(float(x.std(unbiased=False)) - 1) < 1e-4

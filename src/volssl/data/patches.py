@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from volssl.data.cube_symmetries import N_SYMMETRIES, apply_symmetry, source_shape
 from volssl.data.dataset import PreprocessedDataset
 from volssl.data.manifest import CaseRecord
 from volssl.data.storage import open_array
@@ -71,6 +72,40 @@ def read_window(
     return out
 
 
+def zscore_crop(patch: np.ndarray, eps: float = 1e-8, inplace: bool = False) -> np.ndarray:
+    """Z-score each channel of one patch on its own statistics (MAE-XNT's per-crop normalisation).
+
+    Args:
+        patch: ``(C, X, Y, Z)`` array of any real dtype (any memory layout, e.g. a flipped view).
+        eps: a channel whose standard deviation is at most ``eps`` (or ``1e-7 * |mean|``, float32
+            resolution) is constant and becomes zeros (never NaN).
+        inplace: normalise ``patch`` itself (it must then be a C-contiguous float32 array).
+
+    Returns:
+        float32 ``(C, X, Y, Z)``, C-contiguous (a new array unless ``inplace``); every non-constant
+        channel has mean 0 and std 1 (statistics accumulated in float64).
+    """
+    if patch.ndim != 4:
+        raise ValueError(f"zscore_crop: patch must be (C, X, Y, Z), got shape {patch.shape}")
+    if inplace:
+        if patch.dtype != np.float32 or not patch.flags.c_contiguous or not patch.flags.writeable:
+            raise ValueError("zscore_crop: inplace=True needs a writeable C-contiguous float32 patch, got "
+                             f"{patch.dtype} (c_contiguous={patch.flags.c_contiguous})")
+        out = patch
+    else:
+        out = np.array(patch, dtype=np.float32, order="C")
+    for c in range(out.shape[0]):
+        x = out[c]
+        mean = float(x.mean(dtype=np.float64))
+        std = float(x.std(dtype=np.float64))
+        if not np.isfinite(std) or std <= max(eps, 1e-7 * abs(mean)):
+            x[...] = 0.0
+        else:
+            x -= np.float32(mean)
+            x *= np.float32(1.0 / std)
+    return out
+
+
 class _LRU:
     """A small per-process LRU cache; emptied when used in a new (forked) process.
 
@@ -114,7 +149,14 @@ class PatchSampler(Dataset):
        volume is at least as large as the patch, else ``[D - P, 0]`` (the volume lies somewhere
        inside the patch; the rest is padding);
     4. the channel, with ``channel_mode="single"`` (one random channel per patch, C = 1);
-       ``channel_mode="all"`` returns every channel.
+       ``channel_mode="all"`` returns every channel;
+    5. with ``symmetries``, one of the 48 cube symmetries (``data/cube_symmetries.py``), applied to
+       image and label; the window read is ``source_shape(patch_size, symmetry)`` (the patch size
+       permuted), so every item still has ``patch_size``. Without ``symmetries`` nothing is drawn
+       and the stream is the same as before the option existed.
+
+    With ``crop_zscore`` every image patch is z-scored per channel on its own statistics
+    (:func:`zscore_crop`, after padding); otherwise patches keep the stored intensities.
 
     Padding: image voxels outside the volume are ``pad_value`` (default 0.0, the mean of a z-scored
     volume, as nnU-Net pads), label voxels outside are 0 (background).
@@ -131,10 +173,13 @@ class PatchSampler(Dataset):
         pad_value: image fill value outside the volume.
         max_open: at most this many stored arrays kept open per process (LRU).
         decode_threads: blosc2 decoder threads per read (1 inside DataLoader workers).
+        symmetries: apply a random one of the 48 cube symmetries to every patch (MAE-XNT).
+        crop_zscore: z-score every image patch on its own (MAE-XNT).
 
     Item ``k`` is a dict: ``"image"`` float32 tensor ``(C, *patch)``, ``"label"`` int64 tensor
     ``(1, *patch)`` (only with ``with_labels``), ``"case"`` str, ``"origin"`` int64 tensor ``(3,)``
-    (window start in voxels, negative where padded) and ``"index"`` int (``k``).
+    (window start in voxels, negative where padded; the window has ``source_shape(patch_size,
+    symmetry)``), ``"symmetry"`` int (0: identity) and ``"index"`` int (``k``).
     """
 
     def __init__(
@@ -150,6 +195,8 @@ class PatchSampler(Dataset):
         pad_value: float = 0.0,
         max_open: int = 16,
         decode_threads: int = 1,
+        symmetries: bool = False,
+        crop_zscore: bool = False,
     ) -> None:
         if not isinstance(dataset, PreprocessedDataset):
             dataset = PreprocessedDataset(dataset)
@@ -171,6 +218,8 @@ class PatchSampler(Dataset):
         self.pad_value = float(pad_value)
         self.max_open = int(max_open)
         self.decode_threads = int(decode_threads)
+        self.symmetries = bool(symmetries)
+        self.crop_zscore = bool(crop_zscore)
         self.records: list[CaseRecord] = self._select(cases)
         self._cum_weights = self._weights()
         self._check_channels()
@@ -259,7 +308,8 @@ class PatchSampler(Dataset):
         return self._locations.get(case_id, load)
 
     def draw(self, index: int) -> dict[str, Any]:
-        """The random choices of item ``index`` without reading voxels: case, origin, channel."""
+        """The random choices of item ``index`` without reading voxels: case, origin, channel,
+        symmetry and ``window`` (the size of the window to read, X, Y, Z)."""
         if index < 0:
             raise IndexError(f"PatchSampler index must be >= 0, got {index}")
         rng = np.random.default_rng([self.seed, int(index)])
@@ -268,36 +318,44 @@ class PatchSampler(Dataset):
         else:
             i = min(int(np.searchsorted(self._cum_weights, rng.random(), side="right")), len(self.records) - 1)
         record = self.records[i]
+        symmetry = int(rng.integers(N_SYMMETRIES)) if self.symmetries else 0
+        window = source_shape(self.patch_size, symmetry)
         image = self._array(self.dataset.image_path(record.id))
         spatial = tuple(int(s) for s in image.shape[-3:])
-        lo = [min(0, d - p) for d, p in zip(spatial, self.patch_size)]
-        hi = [max(0, d - p) for d, p in zip(spatial, self.patch_size)]
+        lo = [min(0, d - p) for d, p in zip(spatial, window)]
+        hi = [max(0, d - p) for d, p in zip(spatial, window)]
         foreground = rng.random() < self.foreground_prob
         locations = self._class_locations(record.id) if foreground else []
         if locations:
             cls = locations[int(rng.integers(len(locations)))]
             voxel = cls[int(rng.integers(len(cls)))]
-            origin = [int(np.clip(v - p // 2, l, h)) for v, p, l, h in zip(voxel, self.patch_size, lo, hi)]
+            origin = [int(np.clip(v - p // 2, l, h)) for v, p, l, h in zip(voxel, window, lo, hi)]
         else:
             origin = [int(rng.integers(l, h + 1)) for l, h in zip(lo, hi)]
         n_channels = int(image.shape[0]) if image.ndim == 4 else 1
         channel = int(rng.integers(n_channels)) if self.channel_mode == "single" else None
-        return {"record": record, "image": image, "origin": origin, "channel": channel}
+        return {"record": record, "image": image, "origin": origin, "channel": channel, "symmetry": symmetry,
+                "window": window}
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         d = self.draw(index)
         record, image, origin, channel = d["record"], d["image"], d["origin"], d["channel"]
+        symmetry, window = d["symmetry"], d["window"]
         if image.ndim == 4:
             lead = (slice(None),) if channel is None else (slice(channel, channel + 1),)
         else:  # a (X, Y, Z) image is one channel
             lead = ()
-        patch = read_window(image, origin, self.patch_size, lead, self.pad_value)
+        patch = read_window(image, origin, window, lead, self.pad_value)
         if patch.ndim == 3:
             patch = patch[None]
+        if symmetry:
+            patch = apply_symmetry(patch, symmetry)
+        patch = zscore_crop(patch) if self.crop_zscore else np.asarray(patch, dtype=np.float32, order="C")
         item: dict[str, Any] = {
-            "image": torch.from_numpy(patch.astype(np.float32, copy=False)),
+            "image": torch.from_numpy(patch),
             "case": record.id,
             "origin": torch.tensor(origin, dtype=torch.int64),
+            "symmetry": symmetry,
             "index": int(index),
         }
         if self.with_labels:
@@ -308,10 +366,12 @@ class PatchSampler(Dataset):
                     f"match image shape {tuple(image.shape)}"
                 )
             lead = (slice(0, 1),) if label_arr.ndim == 4 else ()
-            label = read_window(label_arr, origin, self.patch_size, lead, 0)
+            label = read_window(label_arr, origin, window, lead, 0)
             if label.ndim == 3:
                 label = label[None]
-            item["label"] = torch.from_numpy(label.astype(np.int64, copy=False))
+            if symmetry:
+                label = apply_symmetry(label, symmetry)
+            item["label"] = torch.from_numpy(np.asarray(label, dtype=np.int64, order="C"))
         return item
 
 
@@ -363,10 +423,18 @@ def worker_init(worker_id: int) -> None:
 
     torch.set_num_threads(1)
     blosc2.set_nthreads(1)
+    try:  # Zarr volumes (volume_crops): decode chunks on this thread, not a pool per worker
+        import numcodecs.blosc
+        import zarr
+
+        zarr.config.set({"threading.max_workers": 1})
+        numcodecs.blosc.set_nthreads(1)
+    except ImportError:  # pragma: no cover - zarr is a dependency; tolerate a minimal install
+        pass
 
 
 def make_loader(
-    sampler: PatchSampler,
+    sampler: Dataset,
     batch_size: int,
     num_workers: int = 0,
     start_batch: int = 0,
@@ -377,9 +445,11 @@ def make_loader(
 ) -> DataLoader:
     """An infinite DataLoader over this rank's rows of global batches ``start_batch, ...``.
 
-    Each element is the default collation of ``batch_size // world_size`` items: ``"image"``
-    ``(B/W, C, *patch)``, ``"label"`` ``(B/W, 1, *patch)`` when present, ``"case"`` list of str,
-    ``"origin"`` ``(B/W, 3)``, ``"index"`` ``(B/W,)``. The batches do not depend on ``num_workers``.
+    ``sampler`` is any map-style dataset whose item ``k`` is a pure function of its seed and ``k``
+    (:class:`PatchSampler`, ``volume_crops.VolumeCropSampler``). Each element is the default
+    collation of ``batch_size // world_size`` items: ``"image"`` ``(B/W, C, *patch)``, ``"label"``
+    ``(B/W, 1, *patch)`` when present, ``"case"`` list of str, ``"origin"`` ``(B/W, 3)``,
+    ``"symmetry"`` ``(B/W,)``, ``"index"`` ``(B/W,)``. The batches do not depend on ``num_workers``.
     ``len()`` of the loader is undefined (the stream never ends); stop after the steps you need.
     """
     if int(num_workers) < 0:
