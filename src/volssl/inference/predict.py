@@ -82,6 +82,8 @@ class FineTunedModel:
     patch_size: tuple[int, int, int]
     input_spacing: tuple[float, float, float] | None = None
     source: str | None = None
+    task: str = "semantic"  # "semantic" (class logits) or "affinities" (one logit per offset; instances)
+    offsets: tuple[tuple[int, ...], ...] | None = None  # task "affinities": the offset of each output channel
 
     def __post_init__(self) -> None:
         if isinstance(self.plan, dict):
@@ -105,6 +107,12 @@ class FineTunedModel:
         self.patch_size = patch
         if self.input_spacing is not None:
             self.input_spacing = tuple(float(s) for s in self.input_spacing)
+        if self.task not in ("semantic", "affinities"):
+            raise ValueError(f"task must be 'semantic' or 'affinities', got {self.task!r}")
+        if self.task == "affinities":
+            if not self.offsets:
+                raise ValueError("an affinity model needs the offsets of its output channels")
+            self.offsets = tuple(tuple(int(v) for v in o) for o in self.offsets)
 
     @property
     def label_values(self) -> list[int]:
@@ -180,11 +188,16 @@ def load_finetuned(path: str | os.PathLike, device: torch.device | str = "cpu") 
     model = FineTunedModel(
         network=network.to(device).eval(), plan=model_plan, labels=data["labels"], channels=data["channels"],
         patch_size=data["patch_size"], input_spacing=spacing, source=str(file),
+        task=data.get("task") or "semantic", offsets=data.get("offsets"),
     )
     if cfg.in_channels != len(model.channels):
         raise ValueError(f"{file}: the network takes {cfg.in_channels} channel(s) but 'channels' names "
                          f"{len(model.channels)}: {list(model.channels)}")
-    if cfg.out_channels != len(model.labels):
+    if model.task == "affinities":
+        if cfg.out_channels != len(model.offsets):
+            raise ValueError(f"{file}: the network has {cfg.out_channels} output channel(s) but {len(model.offsets)} "
+                             "affinity offsets")
+    elif cfg.out_channels != len(model.labels):
         raise ValueError(f"{file}: the network has {cfg.out_channels} output channel(s) but 'labels' has "
                          f"{len(model.labels)} entries: {model.labels}")
     return model
@@ -356,8 +369,10 @@ def predict_case(
     device: torch.device | str = "cpu",
     sw_batch_size: int = 1,
     autocast: bool = False,
+    thresholds: Sequence[float] = (0.5,),
 ) -> dict[str, Any]:
-    """Predict one case and write its files.
+    """Predict one case and write its files (an affinity model: instance maps, one per agglomeration
+    threshold; see :mod:`volssl.inference.instances`).
 
     Returns:
         ``{"case", "files", "output", "probabilities" (path or None), "shape", "labels_found",
@@ -382,6 +397,11 @@ def predict_case(
         return failed(checked.problems[0].path, "; ".join(f"{Path(p.path).name}: {p.reason}" for p in checked.problems))
     image_p, _, record, _ = preprocess_arrays(checked.image, checked.affine, model.plan, None, source_axes(first))
     del checked
+    if model.task == "affinities":
+        from volssl.inference.instances import predict_instances_case
+
+        return predict_instances_case(model, case.id, image_p, record, first, output_dir, thresholds, overlap,
+                                      device, sw_batch_size, autocast, t0)
     probs = predict_probabilities(model, image_p, overlap, mirror_axes, device, sw_batch_size, autocast)
     del image_p
     probs = probabilities_to_original(probs, record)
@@ -422,6 +442,7 @@ def predict_folder(
     sw_batch_size: int = 1,
     autocast: bool = False,
     spacing: tuple[float, float, float] | None = None,
+    thresholds: Sequence[float] = (0.5,),
 ) -> dict[str, Any]:
     """Predict every case of ``input_dir`` into ``output_dir``.
 
@@ -437,6 +458,9 @@ def predict_folder(
         sw_batch_size: tiles per forward pass.
         autocast: bfloat16 autocast on CUDA.
         spacing: (x, y, z) mm for TIFF/Zarr inputs without spacing (default: the plan's input spacing).
+        thresholds: affinity models only: agglomeration thresholds; the first one's instance map is
+            ``<case>.nii.gz``, every one's is ``t<threshold>/<case>.nii.gz``. Mirroring is not used for
+            affinities (a flip turns an offset around).
 
     Returns:
         the summary (also written to ``output_dir/predict.json``): ``{"input", "output", "model",
@@ -465,7 +489,7 @@ def predict_folder(
     for case in bar:
         try:
             result = predict_case(model, case, output_dir, save_probabilities, overlap, mirror_axes, dev,
-                                  sw_batch_size, autocast)
+                                  sw_batch_size, autocast, thresholds)
         except Exception as e:  # noqa: BLE001 - an odd file (or a bug) must not stop the run
             if isinstance(e, torch.cuda.OutOfMemoryError):
                 torch.cuda.empty_cache()
@@ -495,7 +519,8 @@ def predict_folder(
             "overlap": float(overlap), "mirror_axes": sorted(int(a) for a in mirror_axes), "device": str(dev),
             "patch_size": list(model.patch_size), "sw_batch_size": int(sw_batch_size), "autocast": bool(autocast),
             "save_probabilities": bool(save_probabilities), "labels": model.labels, "channels": list(model.channels),
-            "plan": model.plan.to_dict(),
+            "plan": model.plan.to_dict(), "task": model.task,
+            "thresholds": [float(t) for t in thresholds] if model.task == "affinities" else None,
         },
         "seconds": round(time.perf_counter() - t0, 3),
     }
