@@ -74,6 +74,8 @@ ARMS: dict[str, Arm] = {a.name: a for a in (
 )}
 
 
+#: agglomeration thresholds predicted for instance datasets (MAE-XNT's search set); the first is reported
+AGGLOMERATION_THRESHOLDS = (0.5, 0.6, 0.7)
 #: phantom kind -> the domain of its unlabeled pool; domain -> the phantom kind the pool is made of
 DOMAINS = {"brain": "brain", "nuclei": "xnt", "axons": "xnt"}
 POOL_KINDS = {"brain": "brain", "xnt": "nuclei"}
@@ -146,6 +148,7 @@ def run_cell(job: dict[str, Any]) -> dict[str, Any]:
     run = Path(job["run"])
     metrics = run / "metrics.json"
     t0 = time.time()
+    instances = job.get("task") == "affinities"
     if not metrics.exists():
         n_train = job["n_train"]
         finetune(job["checkpoint"], job["dataset"], run, recipe=job["recipe"],
@@ -153,12 +156,24 @@ def run_cell(job: dict[str, Any]) -> dict[str, Any]:
                  fraction=n_train if isinstance(n_train, float) else None,
                  seed=job["seed"], overrides=job["overrides"], stage_steps=job.get("stage_steps"),
                  method_name=job["method"], progress=False, resume=True)
-        predict_folder(run, job["test_images"], run / "predictions", mirror_axes=(), progress=False,
-                       device=job.get("device", "cpu"))
-        evaluate_folder(run / "predictions", job["test_labels"], metrics, progress=False)
+        if instances:  # affinities -> instances at every threshold; metrics.json = the first threshold's
+            from volssl.inference.instances import predict_instances_folder
+
+            thresholds = tuple(job.get("thresholds") or AGGLOMERATION_THRESHOLDS)
+            sweep = predict_instances_folder(run, job["test_images"], job["test_labels"], run / "instances",
+                                             thresholds=thresholds, device=job.get("device", "cpu"))
+            write_json_atomic(run / "threshold_sweep.json", {str(t): v for t, v in sweep.items()})
+            chosen = run / "instances" / f"metrics_t{thresholds[0]:g}.json"
+            write_json_atomic(metrics, json.loads(chosen.read_text()))
+        else:
+            predict_folder(run, job["test_images"], run / "predictions", mirror_axes=(), progress=False,
+                           device=job.get("device", "cpu"))
+            evaluate_folder(run / "predictions", job["test_labels"], metrics, progress=False)
     out = {"method": job["method"], "dataset": job["dataset_name"], "n_train": json.loads(
         (run / "run.json").read_text())["n_train"], "seed": job["seed"], "run": str(run),
            **_means(metrics), "generalisation": []}
+    if instances and (run / "threshold_sweep.json").exists():
+        out["threshold_sweep"] = json.loads((run / "threshold_sweep.json").read_text())
     for target in job.get("generalisation", []):
         gdir = Path(target["run"])
         gmetrics = gdir / "metrics.json"
@@ -173,8 +188,11 @@ def run_cell(job: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _means(metrics: Path) -> dict[str, float]:
+def _means(metrics: Path) -> dict[str, float | None]:
+    """The headline scores of a metrics.json: Dice and NSD, or the instance metrics of an instance run."""
     mean = json.loads(metrics.read_text())["mean"]
+    if "voi_split" in mean:
+        return {k: mean.get(k) for k in ("voi_split", "voi_merge", "rand_error", "xpress")}
     return {"dice": mean["dice"], "nsd": mean["nsd"]}
 
 
@@ -281,7 +299,9 @@ def run_benchmark(out: str | Path, methods: Sequence[str], datasets: Sequence[st
                             "test_images": str(data[b]["raw"] / "imagesTs"),
                             "test_labels": str(data[b]["raw"] / "labelsTs")} for a, b in pairs if a == d]
                     jobs.append({"method": arm.name, "dataset_name": d, "checkpoint": ckpt, "dataset": str(pre),
-                                 "recipe": recipe, "overrides": overrides, "stage_steps": steps, "n_train": n,
+                                 "recipe": recipe, "stage_steps": steps, "n_train": n, "task": info["task"],
+                                 "overrides": overrides + (["task=affinities"] if info["task"] == "affinities"
+                                                           else []),
                                  "seed": s, "run": str(run), "test_images": str(info["raw"] / "imagesTs"),
                                  "test_labels": str(info["raw"] / "labelsTs"), "generalisation": gen,
                                  "threads": 1, "device": device})
@@ -299,7 +319,8 @@ def run_benchmark(out: str | Path, methods: Sequence[str], datasets: Sequence[st
 
     # 4. report ---------------------------------------------------------------------------------------
     summary = {"scale": dataclasses.asdict(sc), "methods": {a.name: dataclasses.asdict(a) for a in arms},
-               "datasets": {k: {"raw": str(v["raw"]), "domain": v["domain"]} for k, v in data.items()},
+               "datasets": {k: {"raw": str(v["raw"]), "domain": v["domain"], "task": v["task"]}
+                            for k, v in data.items()},
                "checkpoints": {f"{a}@{d}": c for (a, d), c in checkpoints.items()},
                "cells": results, "seconds": round(time.time() - t0, 1)}
     if report:
@@ -314,9 +335,14 @@ def _say(msg: str) -> None:
     print(f"[volssl benchmark] {msg}", flush=True)
 
 
+def _fmt(scores: dict[str, Any]) -> str:
+    keys = ("dice", "nsd") if "dice" in scores else ("voi_split", "voi_merge", "rand_error", "xpress")
+    return "  ".join(f"{k} {scores[k]:.3f}" if isinstance(scores.get(k), (int, float)) else f"{k} -" for k in keys)
+
+
 def _done(r: dict[str, Any]) -> dict[str, Any]:
-    gen = "".join(f"; {g['dataset']} Dice {g['dice']:.3f}" for g in r["generalisation"])
-    _say(f"  {r['dataset']}/{Path(r['run']).name:<34} Dice {r['dice']:.3f}  NSD {r['nsd']:.3f}{gen} ({r['seconds']} s)")
+    gen = "".join(f"; {g['dataset']} {_fmt(g)}" for g in r["generalisation"])
+    _say(f"  {r['dataset']}/{Path(r['run']).name:<34} {_fmt(r)}{gen} ({r['seconds']} s)")
     return r
 
 
@@ -328,7 +354,8 @@ def _labeled_dataset(name: str, out: Path, sc: BenchScale, seed: int) -> dict[st
     if path.exists():
         meta = json.loads((path / "dataset.json").read_text()) if (path / "dataset.json").is_file() else {}
         kind = (meta.get("volssl_phantoms") or {}).get("kind", "brain")
-        return {"raw": path.resolve(), "domain": DOMAINS.get(kind, "brain")}
+        return {"raw": path.resolve(), "domain": DOMAINS.get(kind, "brain"),
+                "task": "affinities" if meta.get("instance_labels") else "semantic"}
     if name not in phantoms.PHANTOM_KINDS:
         raise ValueError(f"dataset {name!r} is neither a folder nor a phantom task "
                          f"({', '.join(phantoms.PHANTOM_KINDS)})")
@@ -337,7 +364,9 @@ def _labeled_dataset(name: str, out: Path, sc: BenchScale, seed: int) -> dict[st
         _say(f"generating phantom task {name!r} ({sc.n_labeled} + {sc.n_test} cases, {sc.phantom_shape}^3) -> {raw}")
         phantoms.generate_phantoms(raw, name, n=sc.n_labeled, n_test=sc.n_test, seed=seed,
                                    shape=(sc.phantom_shape,) * 3, overwrite=True, progress=False)
-    return {"raw": raw.resolve(), "domain": DOMAINS.get(name, "brain")}
+    meta = json.loads((raw / "dataset.json").read_text())
+    return {"raw": raw.resolve(), "domain": DOMAINS.get(name, "brain"),
+            "task": "affinities" if meta.get("instance_labels") else "semantic"}
 
 
 def _pool(domain: str, out: Path, sc: BenchScale, seed: int, unlabeled: str | None) -> Path:

@@ -46,6 +46,10 @@ from volssl.util.atomic import atomic_path, write_text_atomic
 SCRATCH_METHODS = ("scratch", "none", "no", "no_fixed", "no_dyn", "random", "random_init", "baseline")
 METRICS = ("dice", "nsd")
 METRIC_NAMES = {"dice": "Dice", "nsd": "NSD"}
+#: instance metrics shown for runs evaluated with ``volssl evaluate-instances`` (lower is better for
+#: VOI and Rand error, higher for Rand split/merge, ERL fraction and the XPRESS score)
+INSTANCE_METRICS = ("voi_split", "voi_merge", "rand_error", "xpress_rand_split", "xpress_rand_merge", "erl_fraction",
+                    "xpress")
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,7 @@ class Run:
     n_missing: int
     n_errors: int
     case_scores: dict[str, tuple[float, float]]  # case -> (dice, nsd), means over classes
+    instance: dict[str, float] | None = None  # instance runs (evaluate-instances metrics.json): their means
 
 
 def find_runs(run_dirs: Iterable[str | os.PathLike]) -> tuple[list[Run], list[str]]:
@@ -132,6 +137,8 @@ def _read_run(run_json: Path) -> Run:
         seed=meta["seed"], fold=fold, pretrained=pretrained, dice=m["mean"]["dice"], nsd=m["mean"]["nsd"],
         n_cases=int(m["mean"].get("n_cases", len(case_scores))), n_missing=len(m.get("missing", [])),
         n_errors=len(m.get("errors", [])), case_scores=case_scores,
+        instance=({k: float("nan") if m["mean"].get(k) is None else float(m["mean"][k]) for k in INSTANCE_METRICS
+                   if k in m["mean"]} if "voi_split" in m["mean"] else None),
     )
 
 
@@ -278,6 +285,10 @@ def make_report(
     if not runs:
         detail = ("; " + "; ".join(notes)) if notes else ""
         raise ValueError(f"no usable run (run.json + metrics.json) under {', '.join(map(str, run_dirs))}{detail}")
+    instance_runs = [r for r in runs if r.instance is not None]
+    runs = [r for r in runs if r.instance is None]
+    if not runs:
+        return _instance_only_report(instance_runs, Path(out_dir), notes)
     out_dir.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
 
@@ -340,7 +351,10 @@ def make_report(
                                      "dice_std", "nsd_mean", "nsd_std"], low)
     _plot_low_data(out("low_data.png"), low, methods=_method_order(runs))
 
-    write_text_atomic(out("report.md"), _report_md(runs, table, table_md, stability, n_cases, n_boot, seed, low, notes))
+    md = _report_md(runs, table, table_md, stability, n_cases, n_boot, seed, low, notes)
+    if instance_runs:
+        md += "\n" + _instance_section(instance_runs, out("instances.csv"))
+    write_text_atomic(out("report.md"), md)
     return {
         "runs": len(runs), "methods": methods, "datasets": datasets,
         "average_rank": table["avg_rank"], "rank_stability": stability,
@@ -414,6 +428,52 @@ def _report_md(runs, table, table_md, stability, n_cases, n_boot, seed, low, not
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+def instance_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """Per (dataset, method, n_train): runs and the mean and std over runs of each instance metric."""
+    groups: dict[tuple[str, str, int], list[Run]] = {}
+    for r in runs:
+        groups.setdefault((r.dataset, r.method, r.n_train), []).append(r)
+    rows = []
+    for (d, m, n), rs in sorted(groups.items()):
+        row: dict[str, Any] = {"dataset": d, "method": m, "n_train": n, "n_runs": len(rs)}
+        for k in INSTANCE_METRICS:
+            mean, std = _mean_std([(r.instance or {}).get(k, math.nan) for r in rs])
+            row[f"{k}_mean"], row[f"{k}_std"] = mean, std
+        rows.append(row)
+    return rows
+
+
+def _instance_section(runs: Sequence[Run], csv_path: Path) -> str:
+    rows = instance_rows(runs)
+    _write_csv(csv_path, list(rows[0]) if rows else ["dataset"], rows)
+    lines = ["## Instance segmentation", "",
+             "Runs evaluated with `volssl evaluate-instances` (affinities + agglomeration): mean ± std over "
+             "runs (seeds). VOI split/merge (bits) and Rand error: lower is better; Rand split/merge on skeleton "
+             "nodes (XPRESS), ERL fraction and the XPRESS score: higher is better. Also in instances.csv.", "",
+             "| Dataset | Method | n_train | runs | " + " | ".join(INSTANCE_METRICS) + " |",
+             "|---|---|---:|---:|" + "---:|" * len(INSTANCE_METRICS)]
+    for row in rows:
+        cells = []
+        for k in INSTANCE_METRICS:
+            mean, std = row[f"{k}_mean"], row[f"{k}_std"]
+            cells.append("-" if math.isnan(mean) else f"{mean:.3f}" + ("" if math.isnan(std) else f" ± {std:.3f}"))
+        lines.append(f"| {row['dataset']} | {row['method']} | {row['n_train']} | {row['n_runs']} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _instance_only_report(runs: Sequence[Run], out_dir: Path, notes: list[str]) -> dict[str, Any]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = "# volssl report\n\n" + _instance_section(runs, out_dir / "instances.csv")
+    if notes:
+        md += "\n## Notes\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    write_text_atomic(out_dir / "report.md", md)
+    return {"runs": len(runs), "methods": sorted({r.method for r in runs}),
+            "datasets": sorted({r.dataset for r in runs}), "average_rank": {}, "rank_stability": {},
+            "files": {"report.md": str(out_dir / "report.md"), "instances.csv": str(out_dir / "instances.csv")},
+            "notes": notes}
 
 
 def _pm(mean: float, std: float, n_runs: int) -> str:
