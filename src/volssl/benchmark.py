@@ -52,6 +52,7 @@ class Arm:
     plan: str = "s3d"
     arch: str | None = None  # from scratch: the architecture (real scale; the tiny scale uses its sibling)
     finetune_overrides: tuple[str, ...] = ()
+    min_patch: int | None = None  # smallest patch side the architecture trains on (tiny scales raise theirs to it)
 
 
 ARMS: dict[str, Arm] = {a.name: a for a in (
@@ -66,8 +67,11 @@ ARMS: dict[str, Arm] = {a.name: a for a in (
         preset="amaes-unet-b-no-intensity", plan="amaes"),
     Arm("scratch-unet", "U-Net B from scratch (AMAES schedule)", "scratch-amaes-schedule", plan="amaes",
         arch="unet-b"),
+    # MONAI's SwinUNETR instance-normalises its 1/32-resolution features: a 32^3 patch (1^3) cannot train
     Arm("swinunetr-ssl", "SwinUNETR self-supervised (rotation + contrastive + inpainting)", "swinunetr",
-        preset="swinunetr-ssl", plan="amaes"),
+        preset="swinunetr-ssl", plan="amaes", min_patch=64),
+    Arm("scratch-swinunetr", "SwinUNETR from scratch", "scratch-swinunetr", plan="amaes", arch="swinunetr",
+        min_patch=64),
     Arm("mae-xnt", "MAE-XNT (ViT-B MAE, UNETR)", "mae-xnt", preset="mae-xnt", plan="xnt"),
     Arm("scratch-vit", "ViT-B UNETR from scratch (MAE-XNT schedule)", "scratch-mae-xnt-schedule", plan="xnt",
         arch="vit-b-unetr"),
@@ -77,8 +81,8 @@ ARMS: dict[str, Arm] = {a.name: a for a in (
 #: agglomeration thresholds predicted for instance datasets (MAE-XNT's search set); the first is reported
 AGGLOMERATION_THRESHOLDS = (0.5, 0.6, 0.7)
 #: phantom kind -> the domain of its unlabeled pool; domain -> the phantom kind the pool is made of
-DOMAINS = {"brain": "brain", "nuclei": "xnt", "axons": "xnt"}
-POOL_KINDS = {"brain": "brain", "xnt": "nuclei"}
+DOMAINS = {"brain": "brain", "nuclei": "xnt", "axons": "xnt", "organs": "ct"}
+POOL_KINDS = {"brain": "brain", "xnt": "nuclei", "ct": "organs"}
 
 
 @dataclass(frozen=True)
@@ -231,7 +235,8 @@ def parse_n_train(text: str) -> int | float | None:
 def run_benchmark(out: str | Path, methods: Sequence[str], datasets: Sequence[str], n_trains: Sequence[Any] = (2,),
                   seeds: Sequence[int] = (0, 1, 2), scale: str = "tiny", generalisation: Sequence[str] = (),
                   unlabeled: str | None = None, workers: int = 2, device: str = "cpu", seed: int = 0,
-                  report: bool = True) -> dict[str, Any]:
+                  report: bool = True, pretrain_steps: int | None = None,
+                  finetune_steps: int | None = None) -> dict[str, Any]:
     """Run the comparison into ``out`` (see the module docstring); returns ``benchmark.json``'s content.
 
     Args:
@@ -246,12 +251,17 @@ def run_benchmark(out: str | Path, methods: Sequence[str], datasets: Sequence[st
         unlabeled: an nnU-Net raw dataset or image folder as the unlabeled pool (default: phantoms of
             each dataset's domain, generated into ``out/unlabeled/<domain>``).
         workers: cells fine-tuned in parallel (one thread each); device: "cpu", "cuda", ...
+        pretrain_steps, finetune_steps: override the scale's step counts (a changed count is a new
+            experiment: use another ``out``).
     """
     from volssl.reports.report import make_report
 
     if scale not in SCALES:
         raise ValueError(f"unknown benchmark scale {scale!r}; choose one of {', '.join(SCALES)}")
     sc = SCALES[scale]
+    if pretrain_steps or finetune_steps:
+        sc = dataclasses.replace(sc, pretrain_steps=pretrain_steps or sc.pretrain_steps,
+                                 finetune_steps=finetune_steps or sc.finetune_steps)
     unknown = [m for m in methods if m not in ARMS]
     if unknown:
         raise ValueError(f"unknown benchmark method(s) {unknown}; known: {', '.join(ARMS)}")
@@ -286,7 +296,8 @@ def run_benchmark(out: str | Path, methods: Sequence[str], datasets: Sequence[st
             recipe = _tiny(arm.recipe, sc)
             overrides = list(arm.finetune_overrides) + list(sc.finetune_overrides)
             if sc.patch:
-                overrides.append(f"patch_size={sc.patch},{sc.patch},{sc.patch}")
+                side = max(sc.patch, arm.min_patch or 0)
+                overrides.append(f"patch_size={side},{side},{side}")
             if arm.preset is None and arm.arch:
                 from volssl.models.registry import tiny_arch
 
@@ -356,16 +367,22 @@ def _labeled_dataset(name: str, out: Path, sc: BenchScale, seed: int) -> dict[st
         kind = (meta.get("volssl_phantoms") or {}).get("kind", "brain")
         return {"raw": path.resolve(), "domain": DOMAINS.get(kind, "brain"),
                 "task": "affinities" if meta.get("instance_labels") else "semantic"}
-    if name not in phantoms.PHANTOM_KINDS:
-        raise ValueError(f"dataset {name!r} is neither a folder nor a phantom task "
-                         f"({', '.join(phantoms.PHANTOM_KINDS)})")
+    tasks = phantoms.PHANTOM_TASKS
+    if name not in phantoms.PHANTOM_KINDS and name not in tasks:
+        raise ValueError(f"dataset {name!r} is neither a folder nor a phantom kind or task "
+                         f"({', '.join([*phantoms.PHANTOM_KINDS, *tasks])})")
     raw = out / "datasets" / name
     if not (raw / "dataset.json").exists():
         _say(f"generating phantom task {name!r} ({sc.n_labeled} + {sc.n_test} cases, {sc.phantom_shape}^3) -> {raw}")
-        phantoms.generate_phantoms(raw, name, n=sc.n_labeled, n_test=sc.n_test, seed=seed,
+        if name in tasks:  # each task has its own seed (the --seed shifts it)
+            phantoms.generate_task(raw, name, n=sc.n_labeled, n_test=sc.n_test, seed=tasks[name].seed + seed,
                                    shape=(sc.phantom_shape,) * 3, overwrite=True, progress=False)
+        else:
+            phantoms.generate_phantoms(raw, name, n=sc.n_labeled, n_test=sc.n_test, seed=seed,
+                                       shape=(sc.phantom_shape,) * 3, overwrite=True, progress=False)
     meta = json.loads((raw / "dataset.json").read_text())
-    return {"raw": raw.resolve(), "domain": DOMAINS.get(name, "brain"),
+    kind = tasks[name].kind if name in tasks else name
+    return {"raw": raw.resolve(), "domain": DOMAINS.get(kind, "brain"),
             "task": "affinities" if meta.get("instance_labels") else "semantic"}
 
 
@@ -412,7 +429,8 @@ def _pretrain(arm: Arm, domain: str, out: Path, sc: BenchScale, seed: int, unlab
         overrides += [f"train.steps={sc.pretrain_steps}", f"train.preview_every={every}",
                       f"train.checkpoint_every={every}"]
     if sc.patch:
-        overrides.append(f"data.patch_size={sc.patch},{sc.patch},{sc.patch}")
+        side = max(sc.patch, arm.min_patch or 0)
+        overrides.append(f"data.patch_size={side},{side},{side}")
     cfg = resolve(_tiny(arm.preset, sc), overrides)
     _say(f"pre-training {arm.name} ({cfg.preset}: {cfg.model.arch}, {tuple(cfg.data.patch_size)}, "
          f"{cfg.train.steps} steps) on the {domain} pool -> {run}")

@@ -211,3 +211,176 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "not empty" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["phantoms", str(out), "--shape", "8,8"])
+
+
+# --------------------------------------------------------------------------------------------------
+# variants, the CT kind and the named tasks
+
+# sha1 of (images, label, affine, tissue) of cases made before variants existed: the old kinds must not change
+_GOLDEN = {
+    ("brain", 0): "ff56b8640ff779fe548774f1e0307139193786b6",
+    ("brain", 1): "7f7ef2cc8492cc817b6c8f0347fdde21f2ff8076",
+    ("nuclei", 0): "47516bb1683c84a30f4f4af02b0920862cb5c9ee",
+    ("axons", 1): "6a2d7037154a6b890363db71556346e31de7a2a4",
+}
+
+
+def _sha1(case) -> str:
+    import hashlib
+
+    h = hashlib.sha1()
+    for a in (case.images, case.label, case.affine, case.tissue):
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def test_old_kinds_unchanged_and_default_variant_is_the_brain_kind() -> None:
+    from volssl.data.phantoms import BrainVariant
+
+    for (kind, index), digest in _GOLDEN.items():
+        assert _sha1(make_case(kind, 0, index, SMALL)) == digest, (kind, index)
+    assert _sha1(make_case("brain", 0, 1, SMALL, BrainVariant())) == _GOLDEN[("brain", 1)]
+    # a named variant draws its own subjects, even with the default settings
+    assert _sha1(make_case("brain", 0, 1, SMALL, BrainVariant(name="other"))) != _GOLDEN[("brain", 1)]
+    with pytest.raises(ValueError, match="brain variants"):
+        make_case("nuclei", 0, 0, SMALL, BrainVariant())
+
+
+def test_variants_are_validated() -> None:
+    from volssl.data.phantoms import BrainVariant
+
+    for bad, match in (({"contrast": "x"}, "contrast"), ({"channels": ("T1", "T1")}, "channels"),
+                       ({"channels": ("DWI",)}, "channels"), ({"lesions": "cysts"}, "lesions"),
+                       ({"noise": (0.2, 0.1)}, "noise"), ({"spacing_factor": 0.0}, "spacing_factor"),
+                       ({"thick_factors": (0.5,)}, "thick_factors"), ({"blur": -1.0}, "blur")):
+        with pytest.raises(ValueError, match=match):
+            BrainVariant(**bad)
+
+
+def test_tasks_are_deterministic_and_written_as_nnunet_datasets(tmp_path: Path) -> None:
+    from volssl.data.phantoms import PHANTOM_TASKS, generate_task
+
+    for name, task in PHANTOM_TASKS.items():
+        a = generate_task(tmp_path / name / "a", name, 1, n_test=1, shape=SMALL, progress=False)
+        b = generate_task(tmp_path / name / "b", name, 1, n_test=1, shape=SMALL, progress=False)
+        c = generate_task(tmp_path / name / "c", name, 1, n_test=0, seed=task.seed + 1, shape=SMALL, progress=False)
+        files = sorted(p.relative_to(a) for p in a.rglob("*.nii.gz"))
+        assert len(files) == 2 * (len(task.channel_names) + 1)
+        assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+        first = Path("imagesTr") / f"{name.replace('-', '_')}_000_0000.nii.gz"
+        assert first in files and (a / first).read_bytes() != (c / first).read_bytes()
+        meta = json.loads((a / "dataset.json").read_text())
+        assert meta["labels"] == task.labels and meta["channel_names"] == {
+            str(i): ch for i, ch in enumerate(task.channel_names)}
+        assert meta["volssl_phantoms"]["task"] == name and meta["volssl_phantoms"]["seed"] == task.seed
+        label = np.asanyarray(nib.load(a / "labelsTr" / f"{name.replace('-', '_')}_000.nii.gz").dataobj)
+        assert set(np.unique(label).tolist()) <= set(task.labels.values())
+    # the task's variant has its own subjects: brain-lesions-centre-b at seed 0 is not brain-lesions at seed 0
+    spec = PHANTOM_TASKS["brain-lesions-centre-b"]
+    assert _sha1(make_case("brain", 0, 0, SMALL, spec.variant)) != _GOLDEN[("brain", 0)]
+    with pytest.raises(ValueError, match="unknown phantom task"):
+        generate_task(tmp_path / "x", "brain-nothing", 1)
+
+
+def test_centre_b_differs_in_contrast_noise_and_spacing() -> None:
+    from volssl.data.phantoms import PHANTOM_TASKS
+
+    t = {name: i for i, name in enumerate(BRAIN_TISSUES)}
+
+    def stats(task: str) -> np.ndarray:
+        spec = PHANTOM_TASKS[task]
+        rows = []
+        for i in range(4):
+            case = make_case("brain", spec.seed, i, (48, 48, 48), spec.variant)
+            sp = np.sort(case.spacing)
+            t1, _, flair = case.images
+            wm, gm, csf, air = (case.tissue == t[k] for k in ("wm", "gm", "csf", "air"))
+            rows.append([sp[0], sp[2] / sp[0], np.median(t1[wm]) / np.median(t1[gm]),
+                         np.median(flair[csf]) / np.median(flair[wm]), np.std(t1[air]) / np.median(t1[wm])])
+        return np.array(rows)
+
+    a, b = stats("brain-lesions"), stats("brain-lesions-centre-b")
+    med_a, med_b = np.median(a, 0), np.median(b, 0)
+    assert med_b[0] > 1.1 * med_a[0]  # coarser in-plane voxels
+    assert b[:, 1].min() >= 1.5 - 1e-6  # always thick slices
+    assert med_a[2] > med_b[2] + 0.15  # less grey/white contrast in T1
+    assert med_b[3] > med_a[3] + 0.1  # FLAIR: CSF less suppressed
+    assert med_b[4] > 1.25 * med_a[4]  # noisier
+    for i in range(3):  # the same label: lesions in white matter, present in every case
+        spec = PHANTOM_TASKS["brain-lesions-centre-b"]
+        case = make_case("brain", spec.seed, i, (48, 48, 48), spec.variant)
+        assert case.label.max() == 1 and (case.label == 1).sum() >= 5 and case.channel_names == ("T1", "T2", "FLAIR")
+
+
+def test_tumour_and_lacunes() -> None:
+    from volssl.data.phantoms import PHANTOM_TASKS
+
+    t = {name: i for i, name in enumerate(BRAIN_TISSUES)}
+    spec = PHANTOM_TASKS["brain-tumour"]
+    for i in range(2):
+        case = make_case("brain", spec.seed, i, (48, 48, 48), spec.variant)
+        edema, core = case.label == 1, case.label == 2
+        assert edema.sum() > 30 and core.sum() > 30
+        assert ndimage.label(core)[1] == 1  # one mass
+        assert (ndimage.binary_dilation(core, iterations=2) & edema).any()  # the edema surrounds the core
+        assert np.all(case.tissue[core] == t["tumour_core"]) and np.all(case.tissue[edema] == t["edema"])
+        flair, wm = case.images[2], case.tissue == t["wm"]
+        assert np.median(flair[edema]) > 1.3 * np.median(flair[wm])  # edema is FLAIR-bright
+    spec = PHANTOM_TASKS["brain-lacunes"]
+    for i in range(2):
+        case = make_case("brain", spec.seed, i, (48, 48, 48), spec.variant)
+        assert case.channel_names == ("T1", "FLAIR") and case.images.shape[0] == 2
+        comps, n = ndimage.label(case.label == 1)
+        assert n >= 5  # many
+        sizes = np.bincount(comps.ravel())[1:]
+        assert np.median(sizes) < 40  # tiny
+        t1 = case.images[0]
+        assert np.median(t1[case.label == 1]) < 0.75 * np.median(t1[case.tissue == t["wm"]])  # CSF-like, dark in T1
+        assert not case.label[case.tissue == t["mimic"]].any()  # CSF-like grey-matter dots stay unlabelled
+
+
+def test_ct_organs() -> None:
+    from volssl.data.phantoms import ORGAN_TISSUES
+
+    o = {name: i for i, name in enumerate(ORGAN_TISSUES)}
+    liver_hu = []
+    for i in range(3):
+        case = make_case("organs", 3, i, (48, 48, 40))
+        assert case.channel_names == ("CT",) and case.images.shape == (1, *case.label.shape)
+        assert set(np.unique(case.label).tolist()) == {0, 1, 2, 3}
+        img = case.images[0]
+        assert img.min() >= -1024 and img.max() <= 3071 and np.allclose(img, np.rint(img))
+        assert np.median(img[case.tissue == o["air"]]) < -900
+        assert np.median(img[case.tissue == o["fat"]]) < -50
+        liver_hu.append(float(np.median(img[case.label == 1])))
+        assert 30 < liver_hu[-1] < 150
+        # liver and spleen overlap in intensity: a threshold between them separates them poorly
+        spleen = float(np.median(img[case.label == 3]))
+        assert abs(spleen - liver_hu[-1]) < 40
+        fov = np.sort(case.fov_mm)  # 190-250 mm cranio-caudal, 330-390 mm in-plane, whatever the on-disk order
+        assert 185 < fov[0] < 255 and 320 < fov[1] <= fov[2] < 400
+
+
+def test_cli_tasks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from volssl.cli import main
+
+    assert main(["phantoms", "--list-tasks"]) == 0
+    listing = capsys.readouterr().out
+    assert all(name in listing for name in ("brain-lesions", "brain-tumour", "brain-lacunes", "ct-organs",
+                                            "brain-lesions-centre-b"))
+    out = tmp_path / "tumour"
+    assert main(["phantoms", "--task", "brain-tumour", "--out", str(out), "--n", "1", "--n-test", "0", "--shape",
+                 "24", "--no-progress"]) == 0
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["labels"] == {"background": 0, "edema": 1, "core": 2} and meta["volssl_phantoms"]["seed"] == 1
+    assert (out / "imagesTr" / "brain_tumour_000_0002.nii.gz").is_file()
+    assert "brain-tumour (seed 1)" in capsys.readouterr().out
+    assert main(["phantoms", "--kind", "organs", "--out", str(tmp_path / "ct"), "--n", "1", "--n-test", "0",
+                 "--shape", "24", "--no-progress"]) == 0
+    assert json.loads((tmp_path / "ct" / "dataset.json").read_text())["channel_names"] == {"0": "CT"}
+    with pytest.raises(SystemExit):  # a kind and a task
+        main(["phantoms", str(tmp_path / "x"), "--kind", "brain", "--task", "ct-organs"])
+    with pytest.raises(SystemExit):  # no output directory
+        main(["phantoms", "--task", "ct-organs"])
+    with pytest.raises(SystemExit):  # two different ones
+        main(["phantoms", str(tmp_path / "x"), "--out", str(tmp_path / "y")])

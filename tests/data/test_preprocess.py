@@ -437,3 +437,32 @@ def test_a_dying_worker_excludes_only_its_own_case(tmp_path):
     assert all(by[i].ok and by[i].checksum == f"sum-{i}" for i in ids if i != "die")
     assert not by["die"].ok and by["die"].problems[0]["rule"] == "error"
     assert "worker process died" in by["die"].reason
+
+
+def test_ct_normalisation_with_dataset_statistics():
+    """"ct": clip to the dataset's foreground percentiles, z-score with its foreground mean / std (nnU-Net's
+    CTNormalization); a channel without statistics is z-scored per case; plans without it keep their dict."""
+    from volssl.data.preprocess import normalize
+
+    stats = {"mean": 50.0, "std": 25.0, "percentile_00_5": -100.0, "percentile_99_5": 200.0}
+    plan = PreprocessPlan(name="ct", normalization="ct", ct_intensities=[stats, None])
+    assert PreprocessPlan.from_dict(plan.to_dict()) == plan and plan.to_dict()["ct_intensities"] == [stats, None]
+    assert "ct_intensities" not in get_plan("s3d").to_dict()
+    rng = np.random.default_rng(0)
+    image = np.stack([np.linspace(-1000, 1000, 1000, dtype=np.float32).reshape(10, 10, 10),
+                      rng.normal(300, 30, (10, 10, 10)).astype(np.float32)])
+    out, used = normalize(image.copy(), None, None, "ct", plan.ct_intensities)
+    np.testing.assert_allclose(out[0].min(), (-100 - 50) / 25)
+    np.testing.assert_allclose(out[0].max(), 6.0)
+    mid = (image[0] > -100) & (image[0] < 200)
+    np.testing.assert_allclose(out[0][mid], (image[0][mid] - 50) / 25, rtol=1e-5)
+    assert abs(out[1].mean()) < 1e-4 and abs(out[1].std() - 1) < 1e-3  # per-case z-score
+    assert used[0] == {"clip": [-100.0, 200.0], "mean": 50.0, "std": 25.0} and used[1]["clip"] is None
+    with pytest.raises(ValueError, match="one entry per channel"):
+        normalize(image.copy(), None, None, "ct", [stats])
+    with pytest.raises(ValueError, match="needs ct_intensities"):
+        PreprocessPlan(normalization="ct")
+    with pytest.raises(ValueError, match=r"ct_intensities\[0\]"):
+        PreprocessPlan(normalization="ct", ct_intensities=[{"mean": 1.0}])
+    with pytest.raises(ValueError, match=r"ct_intensities\[1\]"):
+        PreprocessPlan(normalization="ct", ct_intensities=[None, {**stats, "std": -1.0}])

@@ -26,6 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=2, help="fine-tuning runs in parallel (default 2)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (fine-tuning and prediction)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated phantoms and pre-training")
+    p.add_argument("--pretrain-steps", type=int, default=None, help="override the scale's pre-training steps")
+    p.add_argument("--finetune-steps", type=int, default=None,
+                   help="override the scale's fine-tuning steps (split over a recipe's stages in its proportions)")
     p.add_argument("--list", action="store_true", help="list the methods and scales, then exit")
     p.set_defaults(func=_run)
 
@@ -47,5 +50,6 @@ def _run(args: argparse.Namespace) -> int:
                   n_trains=[parse_n_train(t) for t in _split(args.n_train)],
                   seeds=[int(s) for s in _split(args.seeds)], scale=args.scale,
                   generalisation=_split(args.generalisation), unlabeled=args.unlabeled, workers=args.workers,
-                  device=args.device, seed=args.seed)
+                  device=args.device, seed=args.seed, pretrain_steps=args.pretrain_steps,
+                  finetune_steps=args.finetune_steps)
     return 0

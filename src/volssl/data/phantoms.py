@@ -30,11 +30,36 @@ images carry structure (anatomy, texture) that self-supervised pre-training can 
     axon, the intracellular space only; sheaths and background are 0). One channel ("XNT"),
     isotropic 1 mm spacing, RAS affine.
 
+``organs``
+    CT-like upper abdomens in Hounsfield units (one channel, "CT"): air, subcutaneous and visceral
+    fat, abdominal wall muscle, ribs and a vertebra, bowel loops with gas and fluid, stomach, aorta
+    and vena cava, and the labelled organs liver (1, with vessels), kidneys (2, cortex and medulla
+    around a fatty sinus) and spleen (3). Each case is either a native or a portal-venous scan (the
+    organs' HU change together, vessels get brighter), so liver and spleen overlap in intensity and
+    only shape and position separate them. Random axis order and flips (half the cases RAS); in-plane
+    spacing 2.6-3 mm and 2-2.6 mm slices at the default 128 x 128 x 96 (~1 s to make), 5-6 mm and 3-4 mm at
+    64^3 (an FOV of 330-390 x 330-390 x 190-250 mm whatever the shape), int16 HU in [-1024, 3071].
+
+Brain variants (:class:`BrainVariant`) change the acquisition ("centre"): the contrast table of each
+channel (:data:`BRAIN_CONTRASTS`: a T1/T2/FLAIR weighting profile), which channels are written,
+noise and bias-field strength, blur, in-plane spacing and slice thickness; and the lesion type:
+``"wm-lesions"`` (the default above), ``"tumour"`` (one large mass: a core (label 2) of enhancing
+rim and necrosis inside white-matter edema (label 1)) or ``"lacunes"`` (many small CSF-filled
+cavities in deep grey and white matter, label 1, among CSF spaces that look the same). The default
+variant is exactly the ``brain`` kind (same random draws, same bytes).
+
+Phantom tasks (:data:`PHANTOM_TASKS`, ``volssl phantoms --task NAME``) are named datasets with
+their own seed, variant and labels, for the benchmark table: ``brain-lesions``, ``brain-tumour``,
+``brain-lacunes``, ``ct-organs``, and ``brain-lesions-centre-b`` (the lesions of
+``brain-lesions`` seen by another "centre": other contrast, more noise and bias, coarser in-plane
+spacing and thick slices; the target of a fine-tune-on-A, predict-on-B generalisation test, as
+D2 -> D13 in the S3D paper's Table 7).
+
 Images are stored as int16 NIfTI (``.nii.gz``), labels as uint8 (uint16 for axons). Every case is a
-pure function of ``(seed, kind, case index)``: the same seed gives byte-identical files (gzip with a
-zero timestamp), a different seed a different dataset, and case ``i`` does not depend on ``n``.
-The per-case functions (:func:`brain_case`, :func:`nuclei_case`, :func:`axons_case`) return a
-:class:`PhantomCase` in memory.
+pure function of ``(seed, kind, case index)`` (and the variant, for non-default variants): the same
+seed gives byte-identical files (gzip with a zero timestamp), a different seed a different
+dataset, and case ``i`` does not depend on ``n``. The per-case functions (:func:`brain_case`,
+:func:`nuclei_case`, :func:`axons_case`, :func:`organs_case`) return a :class:`PhantomCase` in memory.
 
 Sizes and the S3D quality filter (FOV >= 50 mm, spacing <= 6.5 mm, file >= 200 kB), measured with
 this writer (int16, gzip level 1): a default brain case (``shape=None``: FOV 160-190 mm, 0.8-1 mm
@@ -47,6 +72,7 @@ A 96^3 brain takes ~0.3 s, a 128^3 nuclei/axons volume ~1.5-2.5 s on one core.
 """
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import math
@@ -61,12 +87,13 @@ from scipy import ndimage
 
 from volssl.util.atomic import atomic_path, write_json_atomic
 
-KINDS = ("brain", "nuclei", "axons")
+KINDS = ("brain", "nuclei", "axons", "organs")
 FILE_ENDING = ".nii.gz"
 FORMAT_VERSION = 1
 
 # tissue classes of the brain phantom (``PhantomCase.tissue``)
-BRAIN_TISSUES = ("air", "scalp", "bone", "marrow", "csf", "gm", "wm", "deep_gm", "lesion", "mimic", "muscle", "eye")
+BRAIN_TISSUES = ("air", "scalp", "bone", "marrow", "csf", "gm", "wm", "deep_gm", "lesion", "mimic", "muscle", "eye",
+                 "edema", "tumour_core", "lacune")
 _T = {name: i for i, name in enumerate(BRAIN_TISSUES)}
 # relative intensity of each tissue in (T1, T2, FLAIR) before per-subject jitter; lesions and mimics share a row
 _BRAIN_CONTRAST = np.array(
@@ -86,6 +113,35 @@ _BRAIN_CONTRAST = np.array(
     ],
     dtype=np.float32,
 )
+#: the brain phantom's weighting profiles (columns of a contrast table)
+BRAIN_CHANNELS = ("T1", "T2", "FLAIR")
+#: contrast tables (rows :data:`BRAIN_TISSUES` up to "eye", columns :data:`BRAIN_CHANNELS`): "standard"
+#: (centre A), "centre-b": another scanner / protocol: spin-echo-like T1 with less grey/white contrast
+#: and brighter CSF, a T2 with darker CSF, a FLAIR with incomplete CSF suppression, less fat signal
+BRAIN_CONTRASTS: dict[str, np.ndarray] = {
+    "standard": _BRAIN_CONTRAST,
+    "centre-b": np.array(
+        [
+            [0.0, 0.0, 0.0],  # air
+            [700.0, 450.0, 520.0],  # scalp
+            [80.0, 70.0, 60.0],  # bone
+            [450.0, 340.0, 400.0],  # marrow
+            [270.0, 880.0, 260.0],  # csf
+            [530.0, 600.0, 640.0],  # grey matter
+            [640.0, 470.0, 500.0],  # white matter
+            [580.0, 540.0, 580.0],  # deep grey matter
+            [420.0, 800.0, 870.0],  # lesion
+            [420.0, 800.0, 870.0],  # mimic
+            [400.0, 320.0, 360.0],  # muscle
+            [240.0, 930.0, 270.0],  # eye
+        ],
+        dtype=np.float32,
+    ),
+}
+BRAIN_LESION_TYPES = ("wm-lesions", "tumour", "lacunes")
+# tissue classes of the CT phantom
+ORGAN_TISSUES = ("air", "fat", "muscle", "bone", "marrow", "bowel", "bowel_gas", "fluid", "vessel", "liver",
+                 "liver_vessel", "kidney_cortex", "kidney_medulla", "renal_sinus", "spleen")
 # tissue classes of the XNT phantoms
 NUCLEI_TISSUES = ("neuropil", "soma", "nucleus", "vessel", "mimic")
 AXON_TISSUES = ("background", "axoplasm", "myelin")
@@ -117,6 +173,74 @@ class PhantomCase:
     def fov_mm(self) -> np.ndarray:
         """Field of view (mm) along each array axis."""
         return self.spacing * np.array(self.label.shape)
+
+
+@dataclass(frozen=True)
+class BrainVariant:
+    """How a brain phantom is acquired ("centre") and which lesions it carries.
+
+    The default values are the ``brain`` kind's: a default variant draws the same random numbers
+    and makes the same bytes.
+
+    Attributes:
+        name: the variant's name; every non-default variant gets its own random stream (its name is
+            part of the seed), so two variants never share subjects.
+        contrast: key of :data:`BRAIN_CONTRASTS` (the tissue intensity table of each weighting).
+        channels: which weightings of :data:`BRAIN_CHANNELS` are written, in order (1 to 3).
+        lesions: "wm-lesions" (MS-like ovoids in white matter, label 1), "tumour" (edema 1, core 2)
+            or "lacunes" (small CSF-filled cavities, label 1).
+        noise: range of the Rician noise level, relative to the white-matter intensity.
+        bias: range of the bias field's log-amplitude (per channel).
+        blur: Gaussian partial-volume blur (voxels).
+        spacing_factor: in-plane spacing relative to the default draw (0.8-1 mm, or 1.5-2 mm with a
+            ``shape``) for the same field of view: 1.25 gives 1.25x coarser voxels and 1/1.25 as
+            many of them per axis.
+        thick_factors: slice thickness factors (relative to in-plane) drawn from; None: the kind's
+            (1, 1, 1.25, 1.5, 2, 3 at default size; 1, 1, 1.25, 1.5, 2 with a ``shape``).
+    """
+
+    name: str = "standard"
+    contrast: str = "standard"
+    channels: tuple[str, ...] = BRAIN_CHANNELS
+    lesions: str = "wm-lesions"
+    noise: tuple[float, float] = (0.015, 0.04)
+    bias: tuple[float, float] = (0.1, 0.3)
+    blur: float = 0.6
+    spacing_factor: float = 1.0
+    thick_factors: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.contrast not in BRAIN_CONTRASTS:
+            raise ValueError(f"BrainVariant.contrast must be one of {tuple(BRAIN_CONTRASTS)}, got {self.contrast!r}")
+        if not self.channels or len(set(self.channels)) != len(self.channels) or any(
+                c not in BRAIN_CHANNELS for c in self.channels):
+            raise ValueError(f"BrainVariant.channels must be distinct names from {BRAIN_CHANNELS}, "
+                             f"got {self.channels!r}")
+        if self.lesions not in BRAIN_LESION_TYPES:
+            raise ValueError(f"BrainVariant.lesions must be one of {BRAIN_LESION_TYPES}, got {self.lesions!r}")
+        for name in ("noise", "bias"):
+            lo, hi = getattr(self, name)
+            if not 0 <= lo <= hi:
+                raise ValueError(f"BrainVariant.{name} must be a range (lo, hi) with 0 <= lo <= hi, got {(lo, hi)}")
+        if not self.blur >= 0:
+            raise ValueError(f"BrainVariant.blur must be >= 0 voxels, got {self.blur}")
+        if not self.spacing_factor > 0:
+            raise ValueError(f"BrainVariant.spacing_factor must be > 0, got {self.spacing_factor}")
+        if self.thick_factors is not None and (not self.thick_factors or min(self.thick_factors) < 1):
+            raise ValueError(f"BrainVariant.thick_factors must be factors >= 1, got {self.thick_factors!r}")
+
+    @property
+    def is_default(self) -> bool:
+        return self == BrainVariant()
+
+    @property
+    def labels(self) -> dict[str, int]:
+        """dataset.json labels of this variant's lesion type."""
+        if self.lesions == "tumour":
+            return {"background": 0, "edema": 1, "core": 2}
+        if self.lesions == "lacunes":
+            return {"background": 0, "lacune": 1}
+        return {"background": 0, "lesion": 1}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -278,19 +402,21 @@ def _ellipsoid_depth(qx, qy, qz, c, a, a_z_low: float | None = None) -> np.ndarr
     return np.clip(r * (1.0 - rho) / np.maximum(rho, 1e-3), -80.0, 80.0)
 
 
-def _brain_grid(rng: np.random.Generator, shape: tuple[int, int, int] | None):
+def _brain_grid(rng: np.random.Generator, shape: tuple[int, int, int] | None, variant: BrainVariant):
     """Spacing (mm, RAS), RAS grid shape, field of view (mm) and anatomy scale of one brain case."""
     thick = [1.0, 1.0, 1.0]
     if shape is None:
         inplane = float(rng.choice([1.0, 1.0, 0.9375, 0.8]))
-        factor = float(rng.choice([1.0, 1.0, 1.25, 1.5, 2.0, 3.0]))
+        factor = float(rng.choice(variant.thick_factors or [1.0, 1.0, 1.25, 1.5, 2.0, 3.0]))
         fov = np.array([172.0, 188.0, 176.0]) * rng.uniform(0.93, 1.04, 3)
         scale = float(fov.mean() / 176.0 * rng.uniform(0.9, 1.03))
     else:
         inplane = float(rng.uniform(1.5, 2.0))
-        factor = float(rng.choice([1.0, 1.0, 1.25, 1.5, 2.0]))
+        factor = float(rng.choice(variant.thick_factors or [1.0, 1.0, 1.25, 1.5, 2.0]))
         fov = np.array(shape, dtype=float) * inplane
         scale = float(fov.mean() / 176.0 * rng.uniform(0.92, 1.02))
+    if variant.spacing_factor != 1.0:  # the same field of view with coarser (finer) voxels
+        inplane *= variant.spacing_factor
     thick_axis = int(rng.choice(3, p=[0.2, 0.2, 0.6]))  # mostly axial slices
     thick[thick_axis] = factor
     spacing = inplane * np.array(thick)
@@ -298,20 +424,24 @@ def _brain_grid(rng: np.random.Generator, shape: tuple[int, int, int] | None):
     return spacing, grid, scale
 
 
-def brain_case(rng: np.random.Generator, shape: tuple[int, int, int] | None = None) -> PhantomCase:
-    """One MRI-like head with MS-like lesions.
+def brain_case(rng: np.random.Generator, shape: tuple[int, int, int] | None = None,
+               variant: BrainVariant | None = None) -> PhantomCase:
+    """One MRI-like head with MS-like lesions (or the lesions and acquisition of ``variant``).
 
     ``shape``: voxels per world axis (R, A, S) at the in-plane spacing (1.5-2 mm), e.g. (64, 64, 64)
     for a ~100-130 mm field of view; a thick-slice axis (1-2x) gets proportionally fewer voxels and
     the on-disk order is a random permutation. ``None``: a clinical-like field of view of 160-190 mm
-    per axis at 0.8-1 mm in-plane and up to 3x thicker slices (about 60-235 voxels per axis).
-    Returns images (3, X, Y, Z) T1/T2/FLAIR, label uint8 {0 background, 1 lesion}, tissue
-    (names :data:`BRAIN_TISSUES`).
+    per axis at 0.8-1 mm in-plane and up to 3x thicker slices (about 60-235 voxels per axis). A
+    variant's ``spacing_factor`` keeps that field of view with coarser voxels (fewer of them).
+    Returns images (C, X, Y, Z) (default T1/T2/FLAIR; ``variant.channels``), label uint8 (default
+    {0 background, 1 lesion}; ``variant.labels``), tissue (names :data:`BRAIN_TISSUES`).
     """
+    variant = variant or BrainVariant()
     shape = _check_shape(shape, 16, "brain_case")
-    spacing, grid, g = _brain_grid(rng, shape)
+    spacing, grid, g = _brain_grid(rng, shape, variant)
     # coarse grids (small shapes): fewer, larger folds and lesions, so that they span enough voxels
-    coarse = max(1.0, 0.45 * float(spacing.min()) / g)
+    # (judged at the variant's nominal resolution, so that a coarser centre images the same anatomy)
+    coarse = max(1.0, 0.45 * float(spacing.min()) / variant.spacing_factor / g)
     shift = rng.normal(0.0, 4.0, 3) * g  # head position in the field of view (mm)
     origin = -(np.array(grid) - 1) / 2 * spacing
     wx, wy, wz = (
@@ -411,7 +541,8 @@ def brain_case(rng: np.random.Generator, shape: tuple[int, int, int] | None = No
     del ventricle, depth
 
     # intensities: jittered per-subject tables, smooth within-tissue variation
-    table = _BRAIN_CONTRAST * rng.uniform(0.93, 1.07, _BRAIN_CONTRAST.shape).astype(np.float32)
+    base_table = BRAIN_CONTRASTS[variant.contrast]
+    table = base_table * rng.uniform(0.93, 1.07, base_table.shape).astype(np.float32)
     table = table * rng.uniform(0.75, 1.35, (1, 3)).astype(np.float32)  # per-channel scanner gain
     inhom = 1.0 + np.float32(0.04) * _smooth_field(rng, u, 14, 7.0, 3.0)
     images = np.stack([table[:, c][tissue] * inhom for c in range(3)])
@@ -433,7 +564,8 @@ def brain_case(rng: np.random.Generator, shape: tuple[int, int, int] | None = No
             best = min(best, math.sqrt(((x - c[0]) / a[0]) ** 2 + ((y - c[1]) / a[1]) ** 2 + ((zb - c[2]) / a[2]) ** 2))
         return best
 
-    def draw_blob(i: int, radius: float, axis: np.ndarray, allowed: np.ndarray, klass: int, strength: float) -> None:
+    def draw_blob(i: int, radius: float, axis: np.ndarray, allowed: np.ndarray, klass: int, strength: float,
+                  target: np.ndarray | None = None, label_value: int = 1) -> None:
         idx = np.array(np.unravel_index(i, grid))
         semi = radius * np.array([1.0, rng.uniform(0.6, 0.95), rng.uniform(0.45, 0.8)])
         frame = _frame_with_axis(rng, axis)
@@ -456,12 +588,12 @@ def brain_case(rng: np.random.Generator, shape: tuple[int, int, int] | None = No
             core = pieces == 1 + int(np.argmax(np.bincount(pieces.ravel())[1:]))
             keep = keep & ndimage.binary_dilation(core, iterations=2)
         w = np.clip((1.2 - rho) / 0.4, 0.0, 1.0) * keep
-        target = table[_T["lesion"]]
+        row = table[_T["lesion"]] if target is None else target
         for c in range(3):
-            images[c][box] += np.float32(strength) * w * (target[c] - images[c][box])
+            images[c][box] += np.float32(strength) * w * (row[c] - images[c][box])
         tissue[box][core] = klass
-        if klass == _T["lesion"]:
-            label[box][core] = 1
+        if klass in (_T["lesion"], _T["lacune"]):
+            label[box][core] = label_value
 
     def sample(flat: np.ndarray, accept: Callable[[int], float], tries: int = 200) -> int | None:
         if flat.size == 0:
@@ -473,42 +605,116 @@ def brain_case(rng: np.random.Generator, shape: tuple[int, int, int] | None = No
         return None
 
     center = np.array(c_brain)
-    deep_wm = ndimage.binary_erosion(wm0, iterations=2)  # lesion centres: not at the grey-matter border
-    for _ in range(int(rng.integers(4, 13))):
-        i = sample(flat_wm, lambda j: deep_wm.flat[j] * (0.2 + 0.8 * math.exp(-2.0 * max(vent_proximity(j) - 1, 0))))
-        if i is None:
-            break
-        radial = np.array([qx.flat[i], qy.flat[i], qz.flat[i]]) - center
-        radius = (3.5 + 8.0 * rng.beta(1.3, 3.0)) * coarse
-        draw_blob(i, radius, radial if rng.random() < 0.7 else rng.standard_normal(3), wm0, _T["lesion"],
-                  rng.uniform(0.55, 1.0))
+    if variant.spacing_factor == 1.0 and variant.thick_factors is None:
+        deep_wm = ndimage.binary_erosion(wm0, iterations=2)  # lesion centres: not at the grey-matter border
+    else:  # the same margin in mm (two nominal voxels) on a coarser or thicker grid
+        r = np.maximum(1.0, np.rint(2.0 * float(spacing.min()) / variant.spacing_factor / spacing))
+        e = np.indices((2 * r + 1).astype(int)) - r.reshape(3, 1, 1, 1)
+        deep_wm = ndimage.binary_erosion(wm0, structure=((e / r.reshape(3, 1, 1, 1)) ** 2).sum(0) <= 1.0)
+    if variant.lesions == "wm-lesions":
+        for _ in range(int(rng.integers(4, 13))):
+            i = sample(flat_wm,
+                       lambda j: deep_wm.flat[j] * (0.2 + 0.8 * math.exp(-2.0 * max(vent_proximity(j) - 1, 0))))
+            if i is None:
+                break
+            radial = np.array([qx.flat[i], qy.flat[i], qz.flat[i]]) - center
+            radius = (3.5 + 8.0 * rng.beta(1.3, 3.0)) * coarse
+            draw_blob(i, radius, radial if rng.random() < 0.7 else rng.standard_normal(3), wm0, _T["lesion"],
+                      rng.uniform(0.55, 1.0))
+    elif variant.lesions == "tumour":
+        _draw_tumour(rng, images, tissue, label, table, (qx, qy, qz), u, flat_wm, deep_wm, coarse)
+    else:  # lacunes: small CSF-filled cavities in deep grey and white matter
+        deep = np.flatnonzero(deep_wm | (tissue == _T["deep_gm"]))
+        allowed = (tissue == _T["wm"]) | (tissue == _T["deep_gm"])
+        for _ in range(int(rng.integers(10, 26))):
+            i = sample(deep, lambda j: 1.0)
+            if i is None:
+                break
+            draw_blob(i, rng.uniform(2.5, 4.5) * coarse, rng.standard_normal(3), allowed, _T["lacune"],
+                      rng.uniform(0.85, 1.0), target=0.85 * table[_T["csf"]] + 0.15 * table[_T["wm"]])
+    mimic_target = None
+    if variant.lesions != "wm-lesions":  # mimics never overwrite a labelled lesion
+        allowed_gm &= label == 0
+        flat_gm = np.flatnonzero(allowed_gm)
+        if variant.lesions == "lacunes":  # CSF-like dots in grey matter: unlabelled look-alikes of lacunes
+            mimic_target = 0.85 * table[_T["csf"]] + 0.15 * table[_T["gm"]]
     for _ in range(int(rng.integers(4, 12))):
         i = sample(flat_gm, lambda j: 1.0)
         if i is None:
             break
         draw_blob(i, (3.5 + 8.0 * rng.beta(1.3, 3.0)) * coarse, rng.standard_normal(3), allowed_gm, _T["mimic"],
-                  rng.uniform(0.55, 1.0))
+                  rng.uniform(0.55, 1.0), target=mimic_target)
     del wm0, deep_wm, allowed_gm, flat_wm, flat_gm, qx, qy, qz, q
 
     # acquisition: partial-volume blur, smooth bias field, Rician noise
-    sigma_noise = rng.uniform(0.015, 0.04)
+    sigma_noise = rng.uniform(*variant.noise)
     for c in range(3):
-        img = ndimage.gaussian_filter(images[c], 0.6, truncate=3.0)
-        img *= np.exp(np.float32(rng.uniform(0.1, 0.3)) * _smooth_field(rng, u, 4, 0.0, 2.0))
+        img = ndimage.gaussian_filter(images[c], variant.blur, truncate=3.0)
+        img *= np.exp(np.float32(rng.uniform(*variant.bias)) * _smooth_field(rng, u, 4, 0.0, 2.0))
         s = np.float32(sigma_noise * table[_T["wm"], c])
         real = img + s * rng.standard_normal(grid, dtype=np.float32)
         imag = s * rng.standard_normal(grid, dtype=np.float32)
         images[c] = _quantise(np.sqrt(real * real + imag * imag))
     perm, flips = _random_orientation(rng, p_ras=0.25)
     affine = _oriented_affine(origin, spacing, grid, perm, flips)
+    if variant.channels != BRAIN_CHANNELS:
+        images = images[[BRAIN_CHANNELS.index(c) for c in variant.channels]]
     return PhantomCase(
         images=_orient(images, perm, flips),
         label=_orient(label, perm, flips),
         affine=affine,
-        channel_names=("T1", "T2", "FLAIR"),
+        channel_names=tuple(variant.channels),
         tissue=_orient(tissue, perm, flips),
         tissue_names=BRAIN_TISSUES,
     )
+
+
+def _draw_tumour(rng: np.random.Generator, images: np.ndarray, tissue: np.ndarray, label: np.ndarray,
+                 table: np.ndarray, q: tuple[np.ndarray, np.ndarray, np.ndarray], u: tuple[np.ndarray, ...],
+                 flat_wm: np.ndarray, deep_wm: np.ndarray, coarse: float) -> None:
+    """One glioma-like mass centred in deep white matter, drawn in place: an irregular core (label 2:
+    an enhancing rim, bright in T1 like a contrast-enhanced T1, around a CSF-like necrosis) inside a
+    larger edema (label 1: lesion-like signal) that spreads through white and deep grey matter only.
+    ``q``: nominal anatomy coordinates (mm); ``u``: normalised grid coordinates of the smooth fields."""
+    qx, qy, qz = q
+    cand = flat_wm[deep_wm.flat[flat_wm]] if flat_wm.size else flat_wm
+    if cand.size == 0:
+        cand = flat_wm
+    if cand.size == 0:
+        return
+    i = int(cand[rng.integers(cand.size)])
+    c = (qx.flat[i], qy.flat[i], qz.flat[i])
+    r_core = rng.uniform(9.0, 15.0) * min(coarse, 1.5)  # nominal mm
+    r_edema = r_core * rng.uniform(1.6, 2.3)
+    d = np.sqrt((qx - np.float32(c[0])) ** 2 + (qy - np.float32(c[1])) ** 2 + (qz - np.float32(c[2])) ** 2)
+    wob_core = 1.0 + np.float32(0.2) * np.clip(_smooth_field(rng, u, 5, 0.0, 2.5), -2.0, 2.0)
+    wob_edema = 1.0 + np.float32(0.3) * np.clip(_smooth_field(rng, u, 6, 1.0, 2.5), -2.0, 2.0)
+    parenchyma = np.isin(tissue, [_T["wm"], _T["gm"], _T["deep_gm"]])
+    rho_core = d / (np.float32(r_core) * wob_core)
+    core = (rho_core < 1.0) & parenchyma
+    pieces, n = ndimage.label(core)
+    if n == 0:
+        return
+    core = pieces == 1 + int(np.argmax(np.bincount(pieces.ravel())[1:]))
+    edema = (d < np.float32(r_edema) * wob_edema) & np.isin(tissue, [_T["wm"], _T["deep_gm"]]) & ~core
+    pieces, n = ndimage.label(edema | core)  # edema connected to the core only
+    edema &= pieces == pieces[core].max()
+    necrosis = core & (rho_core < rng.uniform(0.45, 0.65))
+    rim = core & ~necrosis
+    tex = 1.0 + np.float32(0.06) * _smooth_field(rng, u, 10, 4.0, 2.0)
+    rows = {
+        "edema": table[_T["lesion"]] * np.float32(rng.uniform(0.9, 1.0)),
+        "rim": np.array([1.25 * table[_T["wm"], 0], 1.1 * table[_T["gm"], 1], 0.9 * table[_T["lesion"], 2]],
+                        np.float32),
+        "necrosis": 0.7 * table[_T["csf"]] + 0.3 * table[_T["lesion"]],
+    }
+    for name, mask in (("edema", edema), ("rim", rim), ("necrosis", necrosis)):
+        for ch in range(images.shape[0]):
+            images[ch][mask] = rows[name][ch] * tex[mask]
+    tissue[edema] = _T["edema"]
+    tissue[core] = _T["tumour_core"]
+    label[edema] = 1
+    label[core] = 2
 
 
 # --------------------------------------------------------------------------------------------------
@@ -769,6 +975,162 @@ def axons_case(rng: np.random.Generator, shape: tuple[int, int, int] | None = No
 
 
 # --------------------------------------------------------------------------------------------------
+# organs (CT-like upper abdomen)
+
+#: (native, portal-venous) Hounsfield units of :data:`ORGAN_TISSUES` before per-case jitter
+_ORGAN_HU = np.array(
+    [
+        [-1000.0, -1000.0],  # air
+        [-100.0, -100.0],  # fat
+        [50.0, 55.0],  # muscle
+        [750.0, 750.0],  # bone (cortex)
+        [230.0, 240.0],  # marrow (cancellous bone)
+        [35.0, 80.0],  # bowel wall
+        [-850.0, -850.0],  # bowel gas
+        [12.0, 15.0],  # fluid
+        [42.0, 170.0],  # aorta / vena cava
+        [58.0, 108.0],  # liver
+        [40.0, 165.0],  # liver vessels
+        [34.0, 165.0],  # kidney cortex
+        [30.0, 100.0],  # kidney medulla
+        [-60.0, -60.0],  # renal sinus fat
+        [48.0, 118.0],  # spleen
+    ],
+    dtype=np.float32,
+)
+_O = {name: i for i, name in enumerate(ORGAN_TISSUES)}
+
+
+def organs_case(rng: np.random.Generator, shape: tuple[int, int, int] | None = None) -> PhantomCase:
+    """One CT-like upper abdomen in Hounsfield units with liver (1), kidneys (2) and spleen (3).
+
+    ``shape`` (default 128 x 128 x 96): voxels per world axis (R, A, S) covering a field of view of
+    330-390 mm in-plane and 190-250 mm cranio-caudally (so 64^3 gives ~5.5 mm in-plane and ~3.5 mm
+    slices); the on-disk order is a random permutation/flip (half the cases RAS). Returns images
+    (1, X, Y, Z) ("CT", integer HU in [-1024, 3071]), label uint8, tissue (names :data:`ORGAN_TISSUES`).
+    """
+    shape = _check_shape(shape, 16, "organs_case") or (128, 128, 96)
+    fov_xy = rng.uniform(330.0, 390.0)
+    fov = np.array([fov_xy, fov_xy * rng.uniform(0.97, 1.03), rng.uniform(190.0, 250.0)])
+    spacing = fov / np.array(shape, dtype=float)
+    origin = -(np.array(shape) - 1) / 2 * spacing
+    wx, wy, wz = (
+        (origin[a] + np.arange(n) * spacing[a]).astype(np.float32).reshape([-1 if b == a else 1 for b in range(3)])
+        for a, n in enumerate(shape)
+    )
+    u = tuple(np.linspace(-1.0, 1.0, n, dtype=np.float32) for n in shape)
+    amp = np.float32(rng.uniform(4.0, 9.0))  # smooth deformation of the anatomy (mm)
+    x = wx + amp * _smooth_field(rng, u, 4, 0.0, 2.0)
+    y = wy + amp * _smooth_field(rng, u, 4, 0.0, 2.0)
+    z = wz + amp * _smooth_field(rng, u, 4, 0.0, 2.0)
+    fz = np.float32(fov[2] / 2)
+
+    def ellipse(cx, cy, ax, ay) -> np.ndarray:  # an elliptic cylinder along z
+        return ((x - np.float32(cx)) / np.float32(ax)) ** 2 + ((y - np.float32(cy)) / np.float32(ay)) ** 2
+
+    def ellipsoid(c, a) -> np.ndarray:
+        return _ellipsoid_e(x, y, z, np.asarray(c, np.float32), np.asarray(a, np.float32))
+
+    tissue = np.zeros(shape, np.uint8)
+    ax = fov_xy * rng.uniform(0.40, 0.46)
+    ay = ax * rng.uniform(0.68, 0.8)
+    t_fat, t_wall = rng.uniform(12.0, 30.0), rng.uniform(6.0, 12.0)
+    tissue[ellipse(0, 0, ax, ay) < 1] = _O["fat"]
+    tissue[ellipse(0, 0, ax - t_fat, ay - t_fat) < 1] = _O["muscle"]
+    cavity = ellipse(0, 0, ax - t_fat - t_wall, ay - t_fat - t_wall)
+    inside = cavity < 1
+    tissue[inside] = _O["fat"]
+    y_spine = -(ay - t_fat - t_wall) + rng.uniform(40.0, 50.0)
+    # ribs: a posterior-lateral band near the cavity wall, periodic in z
+    period, phase = rng.uniform(22.0, 28.0), rng.uniform(0.0, 2 * np.pi)
+    ribs = (cavity > 0.80) & (cavity < 0.93) & (y < np.float32(0.4 * ay)) & (
+        np.sin(np.float32(2 * np.pi / period) * z + np.float32(phase)) > 0.55)
+    tissue[ribs] = _O["bone"]
+    # bowel loops: the zero sheets of a band-limited field, with fluid or gas inside
+    loops = _smooth_field(rng, u, 14, 6.0, 2.5)
+    content = _smooth_field(rng, u, 8, 2.0, 2.0)
+    bowel_region = inside & (cavity < 0.8) & ((z < 0.2 * fz) | (y > np.float32(0.25 * ay)))
+    tube = bowel_region & (np.abs(loops) < 0.45)
+    tissue[tube] = _O["bowel"]
+    tissue[tube & (np.abs(loops) < 0.25)] = _O["fluid"]
+    tissue[tube & (np.abs(loops) < 0.25) & (content > 0.9)] = _O["bowel_gas"]
+    del loops, content, bowel_region, tube
+    # stomach (left upper quadrant): wall, fluid below an air-fluid level, gas above
+    c_st = (-0.32 * ax, 0.2 * ay, 0.55 * fz)
+    a_st = np.array([0.2 * ax, 0.25 * ay, 0.3 * fz]) * rng.uniform(0.85, 1.15, 3)
+    st = ellipsoid(c_st, a_st)
+    tissue[(st < 1) & inside] = _O["bowel"]
+    lumen = (ellipsoid(c_st, a_st * 0.8) < 1) & inside
+    tissue[lumen] = _O["fluid"]
+    tissue[lumen & (z > np.float32(c_st[2] + rng.uniform(0.0, 0.4) * a_st[2]))] = _O["bowel_gas"]
+    del st, lumen
+    # liver (right lobe + left lobe) with vessels, spleen
+    a_right = np.array([0.42 * ax, 0.55 * ay, 0.45 * fz]) * rng.uniform(0.9, 1.1, 3)
+    right_lobe = ellipsoid((0.3 * ax, 0.0, 0.35 * fz), a_right)
+    a_left = np.array([0.28 * ax, 0.22 * ay, 0.25 * fz]) * rng.uniform(0.85, 1.15, 3)
+    left_lobe = ellipsoid((0.0, 0.3 * ay, 0.5 * fz), a_left)
+    liver = (right_lobe < 1) | (left_lobe < 1)
+    del right_lobe, left_lobe
+    liver &= inside & (cavity < 0.78)
+    tissue[liver] = _O["liver"]
+    tissue[liver & (np.abs(_smooth_field(rng, u, 18, 9.0, 3.0)) < 0.07)] = _O["liver_vessel"]
+    a_spleen = np.array([0.16 * ax, 0.3 * ay, 0.28 * fz]) * rng.uniform(0.85, 1.15, 3)
+    spleen = ellipsoid((-0.52 * ax, -0.28 * ay, 0.4 * fz), a_spleen) < 1
+    tissue[spleen & inside & (cavity < 0.8)] = _O["spleen"]
+    del liver, spleen
+    # psoas and paraspinal muscles
+    for side in (-1.0, 1.0):
+        tissue[(ellipse(side * 40.0, y_spine + 8.0, 17.0, 14.0) < 1) & (z < 0.1 * fz) & inside] = _O["muscle"]
+        tissue[(ellipse(side * 32.0, y_spine - 38.0, 24.0, 18.0) < 1)] = _O["muscle"]
+    # kidneys: cortex, medulla, sinus fat on the medial side
+    for side, dz in ((1.0, -0.18), (-1.0, -0.05)):  # the right kidney sits lower
+        c = np.array([side * 0.33 * ax, y_spine + 12.0, dz * fz])
+        a = np.array([26.0, 30.0, 52.0]) * rng.uniform(0.85, 1.15, 3)
+        e = ellipsoid(c, a)
+        tissue[e < 1] = _O["kidney_cortex"]
+        tissue[e < 0.5] = _O["kidney_medulla"]
+        tissue[ellipsoid(c - np.array([side * 0.45 * a[0], 0.0, 0.0]), a * np.array([0.45, 0.35, 0.45])) < 1] = \
+            _O["renal_sinus"]
+    # aorta, vena cava, vertebra (cortex, marrow, discs), spinal canal and arch
+    r_ao = rng.uniform(9.0, 13.0)
+    tissue[ellipse(-12.0, y_spine + 30.0, r_ao, r_ao) < 1] = _O["vessel"]
+    tissue[ellipse(24.0, y_spine + 26.0, 13.0, 9.0) < 1] = _O["vessel"]
+    r_vb = rng.uniform(16.0, 20.0)
+    vb = ellipse(0.0, y_spine, r_vb, r_vb * 0.85)
+    tissue[vb < 1] = _O["bone"]
+    tissue[vb < 0.75] = _O["marrow"]
+    disc = np.mod(z - np.float32(rng.uniform(0.0, 30.0)), np.float32(30.0)) < 6.0
+    tissue[(vb < 1) & disc] = _O["muscle"]
+    canal = ellipse(0.0, y_spine - r_vb - 9.0, 14.0, 13.0)
+    tissue[canal < 1] = _O["bone"]
+    tissue[canal < 0.4] = _O["fluid"]
+    del vb, disc, canal, cavity, inside, x, y, z
+
+    label = np.zeros(shape, np.uint8)
+    label[np.isin(tissue, [_O["liver"], _O["liver_vessel"]])] = 1
+    label[np.isin(tissue, [_O["kidney_cortex"], _O["kidney_medulla"]])] = 2
+    label[tissue == _O["spleen"]] = 3
+    venous = int(rng.random() < 0.5)
+    hu = _ORGAN_HU[:, venous] + rng.normal(0.0, 6.0, len(ORGAN_TISSUES)).astype(np.float32)
+    hu[_O["air"]] = -1000.0
+    img = hu[tissue]
+    soft = (tissue != _O["air"]) & (tissue != _O["bowel_gas"])
+    img += np.float32(8.0) * _smooth_field(rng, u, 12, 4.0, 3.0) * soft
+    img = ndimage.gaussian_filter(img, rng.uniform(0.5, 0.8), truncate=3.0)
+    img += np.float32(rng.uniform(8.0, 20.0)) * rng.standard_normal(shape, dtype=np.float32)
+    img = _quantise(img, -1024.0, 3071.0)
+    perm, flips = _random_orientation(rng, p_ras=0.5)
+    return PhantomCase(
+        images=_orient(img[None], perm, flips),
+        label=_orient(label, perm, flips),
+        affine=_oriented_affine(origin, spacing, shape, perm, flips),
+        channel_names=("CT",),
+        tissue=_orient(tissue, perm, flips),
+        tissue_names=ORGAN_TISSUES,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
 # datasets
 
 
@@ -789,15 +1151,31 @@ PHANTOM_KINDS: dict[str, _Kind] = {
                     "X-ray nanotomography-like neuropil with cell nuclei (semantic)"),
     "axons": _Kind(axons_case, {"background": 0, "axon": 1}, ("XNT",), np.uint16, True,
                    "X-ray nanotomography-like myelinated axons (instance ids: every id >= 1 is an axon)"),
+    "organs": _Kind(organs_case, {"background": 0, "liver": 1, "kidney": 2, "spleen": 3}, ("CT",), np.uint8, False,
+                    "CT-like upper abdomens (HU, native or portal-venous) with liver, kidneys and spleen"),
 }
 
 
-def make_case(kind: str, seed: int, index: int, shape: tuple[int, int, int] | None = None) -> PhantomCase:
-    """Case ``index`` of the phantom dataset ``(kind, seed)``: what :func:`generate_phantoms` writes."""
+def _variant_tag(variant: BrainVariant) -> int:
+    """A stable 32-bit number for a non-default variant's random stream (crc32 of its name)."""
+    import zlib
+
+    return zlib.crc32(variant.name.encode("utf-8"))
+
+
+def make_case(kind: str, seed: int, index: int, shape: tuple[int, int, int] | None = None,
+              variant: BrainVariant | None = None) -> PhantomCase:
+    """Case ``index`` of the phantom dataset ``(kind, seed)`` (brain: and ``variant``): what
+    :func:`generate_phantoms` / :func:`generate_task` write. A default (or no) variant gives the
+    ``brain`` kind's case; any other variant draws from its own stream (its name is in the seed)."""
     if kind not in PHANTOM_KINDS:
         raise ValueError(f"unknown phantom kind {kind!r}; choose one of {', '.join(KINDS)}")
-    rng = np.random.default_rng([int(seed), KINDS.index(kind), int(index)])
-    return PHANTOM_KINDS[kind].make(rng, shape)
+    if variant is not None and kind != "brain":
+        raise ValueError(f"phantom variants are brain variants; kind {kind!r} takes none")
+    key = [int(seed), KINDS.index(kind), int(index)]
+    if variant is None or variant.is_default:
+        return PHANTOM_KINDS[kind].make(np.random.default_rng(key), shape)
+    return brain_case(np.random.default_rng(key + [_variant_tag(variant)]), shape, variant)
 
 
 def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, dtype: type) -> None:
@@ -837,10 +1215,26 @@ def generate_phantoms(
     ``dataset.json`` is written last: a directory without it is incomplete. An existing non-empty
     ``out`` is refused unless ``overwrite`` (which deletes only the entries above and preview.png).
     """
-    from tqdm import tqdm
-
     if kind not in PHANTOM_KINDS:
         raise ValueError(f"unknown phantom kind {kind!r}; choose one of {', '.join(KINDS)}")
+    spec = PHANTOM_KINDS[kind]
+    meta = {
+        "name": f"volssl-phantoms-{kind}",
+        "description": spec.description,
+        "channel_names": {str(c): name for c, name in enumerate(spec.channel_names)},
+        "labels": dict(spec.labels),
+    }
+    return _write_dataset(out, kind, lambda i, shp: make_case(kind, seed, i, shp), meta, spec.label_dtype,
+                          spec.instance, {"kind": kind, "seed": int(seed)}, n, n_test, shape, progress, overwrite)
+
+
+def _write_dataset(out: str | os.PathLike, prefix: str, make: Callable[[int, tuple[int, int, int] | None], PhantomCase],
+                   meta: dict, label_dtype: type, instance: bool, provenance: dict, n: int, n_test: int | None,
+                   shape: tuple[int, int, int] | None, progress: bool, overwrite: bool) -> Path:
+    """Write cases ``make(i, shape)`` as an nnU-Net v2 raw dataset (see :func:`generate_phantoms`);
+    ``meta`` holds dataset.json's name, description, channel_names and labels."""
+    from tqdm import tqdm
+
     if int(n) < 1:
         raise ValueError(f"phantoms: need n >= 1 training cases, got {n}")
     n_test = max(1, int(n) // 5) if n_test is None else int(n_test)
@@ -860,33 +1254,114 @@ def generate_phantoms(
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
-    spec = PHANTOM_KINDS[kind]
     total = int(n) + n_test
     width = max(3, len(str(total - 1)))
-    for i in tqdm(range(total), desc=f"phantoms {kind}", unit="case", disable=not progress):
-        case = make_case(kind, seed, i, shape)
+    for i in tqdm(range(total), desc=f"phantoms {prefix}", unit="case", disable=not progress):
+        case = make(i, shape)
         split = "Tr" if i < n else "Ts"
-        name = f"{kind}_{i:0{width}d}"
+        name = f"{prefix}_{i:0{width}d}"
         for c in range(case.images.shape[0]):
             write_nifti(out / f"images{split}" / f"{name}_{c:04d}{FILE_ENDING}", case.images[c], case.affine, np.int16)
-        write_nifti(out / f"labels{split}" / f"{name}{FILE_ENDING}", case.label, case.affine, spec.label_dtype)
+        write_nifti(out / f"labels{split}" / f"{name}{FILE_ENDING}", case.label, case.affine, label_dtype)
     meta = {
-        "name": f"volssl-phantoms-{kind}",
-        "description": spec.description,
-        "channel_names": {str(c): name for c, name in enumerate(spec.channel_names)},
-        "labels": dict(spec.labels),
+        **meta,
         "numTraining": int(n),
         "numTest": n_test,
         "file_ending": FILE_ENDING,
         "tensorImageSize": "3D",
         "licence": "CC0 (synthetic)",
         "reference": "volssl phantoms",
-        "instance_labels": spec.instance,
-        "volssl_phantoms": {"kind": kind, "seed": int(seed), "shape": list(shape) if shape else None,
-                            "version": FORMAT_VERSION},
+        "instance_labels": instance,
+        "volssl_phantoms": {**provenance, "shape": list(shape) if shape else None, "version": FORMAT_VERSION},
     }
     write_json_atomic(out / "dataset.json", meta)
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# named tasks
+
+
+@dataclass(frozen=True)
+class PhantomTask:
+    """A named phantom dataset: a kind, a brain variant (None: the kind as is), a default seed."""
+
+    name: str
+    kind: str
+    seed: int
+    description: str
+    variant: BrainVariant | None = None
+
+    @property
+    def labels(self) -> dict[str, int]:
+        return self.variant.labels if self.variant is not None else dict(PHANTOM_KINDS[self.kind].labels)
+
+    @property
+    def channel_names(self) -> tuple[str, ...]:
+        return tuple(self.variant.channels) if self.variant is not None else PHANTOM_KINDS[self.kind].channel_names
+
+
+#: centre B of the generalisation test: brain-lesions' lesions under another protocol and scanner
+CENTRE_B = BrainVariant(name="centre-b", contrast="centre-b", noise=(0.04, 0.06), bias=(0.3, 0.45), blur=0.8,
+                        spacing_factor=1.25, thick_factors=(1.5, 2.0, 2.5))
+
+PHANTOM_TASKS: dict[str, PhantomTask] = {
+    t.name: t
+    for t in (
+        PhantomTask("brain-lesions", "brain", 0, "MS-like white-matter lesions in T1/T2/FLAIR heads with grey-matter "
+                    "mimics (centre A; the brain kind itself)", BrainVariant()),
+        PhantomTask("brain-lesions-centre-b", "brain", 100, "brain-lesions seen by another centre: other T1/T2/FLAIR "
+                    "contrast (spin-echo-like T1, FLAIR with incomplete CSF suppression), about twice the noise, "
+                    "stronger "
+                    "bias, blurrier, 1.25x coarser in-plane and 1.5-2.5x thick slices: the generalisation target",
+                    CENTRE_B),
+        PhantomTask("brain-tumour", "brain", 1, "one glioma-like mass per head: edema (1) around a core (2) of "
+                    "enhancing rim and necrosis; T1/T2/FLAIR; grey-matter mimics",
+                    BrainVariant(name="tumour", lesions="tumour")),
+        PhantomTask("brain-lacunes", "brain", 2, "many small CSF-filled lacunes (1) in deep grey and white matter "
+                    "among CSF spaces and CSF-like grey-matter dots; T1 and FLAIR only",
+                    BrainVariant(name="lacunes", lesions="lacunes", channels=("T1", "FLAIR"))),
+        PhantomTask("ct-organs", "organs", 3, "CT-like upper abdomens in HU (native or portal-venous): liver (1), "
+                    "kidneys (2), spleen (3)"),
+    )
+}
+
+
+def get_task(name: str) -> PhantomTask:
+    """The phantom task ``name`` (ValueError listing the known ones)."""
+    if name not in PHANTOM_TASKS:
+        raise ValueError(f"unknown phantom task {name!r}; choose one of {', '.join(PHANTOM_TASKS)}")
+    return PHANTOM_TASKS[name]
+
+
+def generate_task(
+    out: str | os.PathLike,
+    task: str,
+    n: int,
+    seed: int | None = None,
+    n_test: int | None = None,
+    shape: tuple[int, int, int] | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> Path:
+    """Write the phantom task ``task`` (a key of :data:`PHANTOM_TASKS`) as an nnU-Net v2 raw dataset,
+    as :func:`generate_phantoms` does (files ``<task>_<i>_<cccc>.nii.gz`` with "-" -> "_"); ``seed``
+    defaults to the task's own. dataset.json names the task's labels and channels and records the
+    variant under ``volssl_phantoms``."""
+    spec = get_task(task)
+    seed = spec.seed if seed is None else int(seed)
+    kind = PHANTOM_KINDS[spec.kind]
+    meta = {
+        "name": f"volssl-phantoms-{spec.name}",
+        "description": spec.description,
+        "channel_names": {str(c): name for c, name in enumerate(spec.channel_names)},
+        "labels": spec.labels,
+    }
+    provenance = {"kind": spec.kind, "task": spec.name, "seed": seed,
+                  "variant": dataclasses.asdict(spec.variant) if spec.variant is not None else None}
+    return _write_dataset(out, spec.name.replace("-", "_"),
+                          lambda i, shp: make_case(spec.kind, seed, i, shp, spec.variant), meta, kind.label_dtype,
+                          kind.instance, provenance, n, n_test, shape, progress, overwrite)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -46,7 +46,9 @@ from volssl.data.readers import SourceCase, discover, fingerprint, source_axes
 from volssl.data.storage import SUFFIX, save_array
 from volssl.util.atomic import write_json_atomic
 
-NORMALIZATIONS = ("zscore", "zscore_nonzero", "none")
+NORMALIZATIONS = ("zscore", "zscore_nonzero", "ct", "none")
+#: the keys of one channel's entry of ``PreprocessPlan.ct_intensities`` (dataset-wide foreground statistics)
+CT_INTENSITY_KEYS = ("mean", "std", "percentile_00_5", "percentile_99_5")
 PLAN_VERSION = 1
 
 
@@ -60,7 +62,10 @@ class PreprocessPlan:
         clip_percentiles: (lo, hi) percentiles (0..100) to clip intensities to, or None (AMAES:
             (0, 99), i.e. the 99th percentile only).
         normalization: "zscore" (per channel, whole cropped volume), "zscore_nonzero" (statistics
-            inside the nonzero mask, zero outside) or "none".
+            inside the nonzero mask, zero outside), "ct" (nnU-Net's CT scheme: every channel with an
+            entry in ``ct_intensities`` is clipped to the dataset's foreground percentiles 0.5 / 99.5
+            and z-scored with the dataset's foreground mean and std; channels whose entry is None get
+            "zscore") or "none".
         crop_nonzero: crop to the bounding box of nonzero voxels (any channel, or the label).
         anisotropy_threshold: max/min spacing above which the low-resolution axis is resampled
             separately (nnU-Net's separate z), None: never.
@@ -71,6 +76,10 @@ class PreprocessPlan:
             lowered evenly when a label map has very many classes, e.g. instance labels).
         seed: seed of the class-location sampling (combined with the case id).
         rules: the quality filter.
+        ct_intensities: for "ct": one entry per channel, ``{"mean", "std", "percentile_00_5",
+            "percentile_99_5"}`` (from :func:`volssl.data.fingerprint.dataset_fingerprint`) or None
+            (that channel is z-scored per case); None for the other schemes (then left out of
+            :meth:`to_dict`, so plans without it keep their plan.json).
     """
 
     name: str = "s3d"
@@ -84,6 +93,7 @@ class PreprocessPlan:
     class_samples_total: int = 100_000
     seed: int = 0
     rules: QualityRules = field(default_factory=QualityRules)
+    ct_intensities: list[dict[str, float] | None] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.rules, dict):
@@ -110,17 +120,38 @@ class PreprocessPlan:
             raise ValueError(f"anisotropy_threshold must be >= 1 or None, got {self.anisotropy_threshold!r}")
         if self.class_samples < 1 or self.class_samples_total < 1:
             raise ValueError("class_samples and class_samples_total must be >= 1")
+        if self.normalization == "ct" and not self.ct_intensities:
+            raise ValueError("normalization 'ct' needs ct_intensities (one entry per channel: the dataset's foreground "
+                             "mean, std and percentiles 0.5 / 99.5, or None)")
+        if self.ct_intensities is not None:
+            self.ct_intensities = [_check_ct_entry(k, e) for k, e in enumerate(self.ct_intensities)]
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         for k in ("target_spacing", "clip_percentiles"):
             d[k] = list(d[k]) if d[k] is not None else None
+        if d["ct_intensities"] is None:  # plans without CT statistics keep their plan.json byte for byte
+            del d["ct_intensities"]
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PreprocessPlan":
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _check_ct_entry(k: int, entry: Any) -> dict[str, float] | None:
+    """One channel's CT statistics as floats (ValueError naming the channel and key otherwise)."""
+    if entry is None:
+        return None
+    if not isinstance(entry, dict) or any(key not in entry for key in CT_INTENSITY_KEYS):
+        raise ValueError(f"ct_intensities[{k}] must be None or a dict with {CT_INTENSITY_KEYS}, got {entry!r}")
+    out = {key: float(entry[key]) for key in CT_INTENSITY_KEYS}
+    if not all(np.isfinite(v) for v in out.values()) or out["std"] < 0 or \
+            out["percentile_00_5"] > out["percentile_99_5"]:
+        raise ValueError(f"ct_intensities[{k}]: need finite values, std >= 0 and percentile_00_5 <= percentile_99_5, "
+                         f"got {out}")
+    return out
 
 
 PLANS: dict[str, PreprocessPlan] = {
@@ -209,17 +240,34 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def normalize(
-    image: np.ndarray, mask: np.ndarray | None, clip: tuple[float, float] | None, mode: str
+    image: np.ndarray, mask: np.ndarray | None, clip: tuple[float, float] | None, mode: str,
+    ct_intensities: list[dict[str, float] | None] | None = None,
 ) -> tuple[np.ndarray, list[dict]]:
     """Clip and normalise each channel of ``image`` (C, X, Y, Z) float32 in place.
 
     Statistics are over ``mask`` (X, Y, Z) for "zscore_nonzero" (voxels outside set to 0), over the
-    whole volume otherwise. Returns the image and per-channel {"clip": [lo, hi] | None, "mean", "std"}.
+    whole volume otherwise. "ct": channel ``c`` with ``ct_intensities[c]`` is clipped to its
+    dataset-wide ``[percentile_00_5, percentile_99_5]`` and becomes ``(x - mean) / max(std, 1e-8)``
+    with the dataset-wide foreground mean and std (nnU-Net's CTNormalization; ``clip`` is not
+    used); a channel whose entry is None is z-scored as "zscore". Returns the image and per-channel
+    {"clip": [lo, hi] | None, "mean", "std"} (the statistics used).
     """
     stats = []
     use_mask = mode == "zscore_nonzero" and mask is not None and mask.any()
+    if mode == "ct" and (ct_intensities is None or len(ct_intensities) != image.shape[0]):
+        n = None if ct_intensities is None else len(ct_intensities)
+        raise ValueError(f"normalization 'ct': ct_intensities must have one entry per channel ({image.shape[0]}), "
+                         f"got {n}")
     for c in range(image.shape[0]):
         ch = image[c]
+        ct = ct_intensities[c] if mode == "ct" and ct_intensities is not None else None
+        if ct is not None:
+            lo, hi, mean, std = (float(ct[k]) for k in ("percentile_00_5", "percentile_99_5", "mean", "std"))
+            np.clip(ch, lo, hi, out=ch)
+            ch -= np.float32(mean)
+            ch /= np.float32(max(std, 1e-8))
+            stats.append({"clip": [lo, hi], "mean": mean, "std": std})
+            continue
         values = ch[mask] if use_mask else ch
         bounds = None
         if clip is not None:
@@ -228,7 +276,7 @@ def normalize(
             bounds = [float(lo), float(hi)]
             values = ch[mask] if use_mask else ch
         mean, std = float(values.mean(dtype=np.float64)), float(values.std(dtype=np.float64))
-        if mode in ("zscore", "zscore_nonzero"):
+        if mode in ("zscore", "zscore_nonzero", "ct"):
             ch -= np.float32(mean)
             ch /= np.float32(max(std, 1e-8))
             if use_mask:
@@ -357,7 +405,7 @@ def preprocess_arrays(
         crop = tuple(slice(lo, hi) for lo, hi in record.crop_bbox)
         nonzero[crop] = binary_fill_holes(nonzero[crop])
         mask_p = from_reoriented(nonzero, record, is_label=True)
-    image_p, stats = normalize(image_p, mask_p, plan.clip_percentiles, plan.normalization)
+    image_p, stats = normalize(image_p, mask_p, plan.clip_percentiles, plan.normalization, plan.ct_intensities)
     label_p = None
     if label_r is not None:
         label_p = from_reoriented(label_r, record, is_label=True, label_interpolation=plan.label_interpolation)
