@@ -35,6 +35,18 @@ _API = {
     "evaluate_folder": "volssl.evaluation.evaluate",
     "make_report": "volssl.reports.report",
     "run_demo": "volssl.demo",
+    "generate_task": "volssl.data.phantoms",
+    "VolumeCropSampler": "volssl.data.volume_crops",
+    "dataset_fingerprint": "volssl.data.fingerprint",
+    "dynamic_plan": "volssl.data.dynamic_plan",
+    "convert_checkpoint": "volssl.models.import_formats",
+    "segment": "volssl.inference.agglomerate",
+    "segment_blockwise": "volssl.inference.agglomerate",
+    "predict_instances_folder": "volssl.inference.instances",
+    "evaluate_instances": "volssl.evaluation.instance_metrics",
+    "evaluate_instances_folder": "volssl.evaluation.instance_evaluate",
+    "run_benchmark": "volssl.benchmark",
+    "run_search": "volssl.search",
 }
 
 __all__ = sorted(_API) + ["__version__"]

@@ -29,6 +29,8 @@ class DataConfig:
     foreground_prob: float = 0.0  # probability that a patch is centred on a labelled voxel
     sampling: str = "uniform"  # "uniform" over volumes, or "size" (proportional to voxel count)
     channel_mode: str = "single"  # "single": one random channel per patch (S3D); "all": stacked channels
+    symmetries: bool = False  # one of the 48 cube symmetries (axis permutation x flips) per patch (MAE-XNT)
+    crop_zscore: bool = False  # z-score every patch on its own (MAE-XNT); raw TIFF/Zarr crops always are
 
 
 @dataclass
@@ -79,6 +81,11 @@ class AugmentConfig:
     p_scale: float = 0.2
     scale_range: tuple[float, float] = (0.7, 1.4)
     p_mirror: float = 0.5  # per axis
+    # elastic deformation (AMAES p .33; batchgenerators/Yucca semantics): a displacement field
+    # uniform in [-1, 1] per voxel and axis, Gaussian-smoothed with sigma, times alpha (voxels)
+    p_elastic: float = 0.0
+    elastic_alpha: tuple[float, float] = (200.0, 600.0)
+    elastic_sigma: tuple[float, float] = (20.0, 30.0)
 
 
 @dataclass

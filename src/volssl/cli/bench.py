@@ -9,6 +9,9 @@ BENCHMARKS = {
     "loader": "patch stream vs whole-volume decoding (patches/s)",
     "step": "S3D sparse pre-training step vs dense step (time, peak memory)",
     "infer": "our sliding-window prediction vs MONAI's sliding_window_inference (voxels/s)",
+    "augment": "AMAES augmentation batched on the device vs per-sample MONAI/TorchIO (samples/s)",
+    "amaes_decoder": "AMAES pre-training step: light-weight decoder vs standard U-Net decoder (time)",
+    "crops": "64^3 crops per worker from huge Zarr / TIFF volumes vs in memory (crops/s, peak RSS)",
 }
 
 

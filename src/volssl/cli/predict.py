@@ -30,6 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=1, metavar="N", help="tiles per forward pass (default 1)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA only)")
     p.add_argument("--spacing", metavar="X,Y,Z", help="voxel spacing (mm) for TIFF/Zarr inputs that carry none")
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.5], metavar="T",
+                   help="affinity models: agglomeration thresholds (first -> OUT/<case>.nii.gz, each -> OUT/t<T>/)")
     p.add_argument("--strict", action="store_true", help="exit with code 3 if any input was skipped")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -61,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         args.model, args.input, args.output, save_probabilities=args.probabilities, overlap=args.overlap,
         mirror_axes=() if args.no_mirror else _axes(args.mirror_axes), device=args.device,
         progress=not args.no_progress, sw_batch_size=args.batch, autocast=args.bf16, spacing=spacing,
+        thresholds=args.thresholds,
     )
     if args.json:
         print(json.dumps(summary, indent=2))

@@ -12,6 +12,8 @@ Steps of :func:`finetune`:
    file. An already preprocessed dataset must have been preprocessed the same way (same spacing,
    normalisation, clipping, cropping, anisotropy and label interpolation), else it is refused. A
    checkpoint without a plan (imported) uses the S3D plan; from scratch, the recipe's ``plan``;
+   with ``plan="dynamic"`` (recipe ``scratch-dynamic``, the paper's "No (Dyn.)") the dataset's own
+   nnU-Net-style plan (:func:`dynamic_setup`): spacing, normalisation, network depth and patch;
 3. ``OUT/splits.json``: 5 folds by subject and the run's training subset (:mod:`.splits`);
 4. the network: the checkpoint's architecture with the dataset's input channels and classes;
    pre-trained weights moved per the recipe (:mod:`.transfer`; the multi-channel stem replicated);
@@ -25,6 +27,7 @@ A fine-tuning run directory holds::
     FT/run.json                 {"method", "dataset", "n_train", "seed", "fold", "pretrained", ...}
     FT/splits.json              folds, this run's training / validation / test cases
     FT/config.json              the run's configuration (recipe + data arguments)
+    FT/plan.json                plan "dynamic" only: the dataset's plan, network overrides, patch (dynamic_setup)
     FT/checkpoints/{latest,best,final}.pt   kind "finetune" (docs/design.md, "Fine-tuned model")
     FT/scalars.csv, FT/tb/      loss, lr, grad norm, validation loss (Dice + CE on fixed val patches)
     FT/summary.json, FT/STOPPED.json, FT/preprocessed/ (unless preprocessed_dir)
@@ -64,7 +67,7 @@ PRETRAIN_CHECKPOINTS = ("final.pt", "latest.pt")
 SOURCE_KINDS = ("pretrain", "import")
 #: plan fields that change the preprocessed arrays (a preprocessed dataset must match them)
 ARRAY_PLAN_KEYS = ("target_spacing", "clip_percentiles", "normalization", "crop_nonzero", "anisotropy_threshold",
-                   "label_interpolation")
+                   "label_interpolation", "ct_intensities")
 #: configuration keys that may change when a run is resumed
 FINETUNE_MUTABLE = {f"recipe.{k}" for k in RESUME_MUTABLE if k.startswith("train.")} | {
     "recipe.description", "recipe.num_workers"}
@@ -235,13 +238,83 @@ def prepare_dataset(dataset: str | os.PathLike, plan: dict[str, Any], out: Path,
     return root.resolve()
 
 
+DYNAMIC_PLAN = "dynamic"
+
+
+def is_dynamic(plan: str) -> bool:
+    """Whether a recipe's ``plan`` asks for the dataset's own nnU-Net-style plan ("dynamic" or "dynamic:<GB>")."""
+    return plan == DYNAMIC_PLAN or plan.startswith(DYNAMIC_PLAN + ":")
+
+
+def dynamic_setup(dataset: str | os.PathLike, plan_name: str, arch: str, out: str | os.PathLike,
+                  preprocessed_dir: str | os.PathLike | None = None, workers: int = 1, progress: bool = True,
+                  info: D.DistInfo | None = None, resume: bool = False):
+    """The nnU-Net-style plan of ``dataset`` ("No (Dyn.)"; :mod:`volssl.data.dynamic_plan`) for a network of
+    architecture ``arch``, recorded as ``out/plan.json``; returns a :class:`~volssl.data.dynamic_plan.DynamicPlan`.
+
+    The raw dataset's fingerprint (:mod:`volssl.data.fingerprint`) is computed on rank 0 under the
+    preprocessing lock and cached as ``fingerprint.json`` beside the preprocessed data
+    (``preprocessed_dir``, else ``out/preprocessed``); an already preprocessed dataset must hold the
+    ``fingerprint.json`` of the dynamic run that made it. ``plan_name`` "dynamic:<GB>" sets the
+    memory budget (default 24 GB, nnU-Net's ResEnc-L planner); a ``-tiny`` architecture keeps the
+    patch at most 64^3 with a 0.15 GB budget. A resumed run reuses its ``plan.json``.
+    """
+    from volssl.data.dynamic_plan import (
+        DEFAULT_MEMORY_GB, TINY_MAX_PATCH, TINY_MEMORY_GB, ArchWidths, DynamicPlan, dynamic_plan,
+    )
+    from volssl.data.fingerprint import FINGERPRINT_FILE, dataset_fingerprint, load_fingerprint
+    from volssl.models.registry import resolve_widths
+
+    info = info or D.DistInfo()
+    out = Path(out)
+    record = out / "plan.json"
+    if resume and record.is_file():
+        return DynamicPlan.from_dict(json.loads(record.read_text()))
+    tiny = arch.endswith("-tiny")
+    budget = TINY_MEMORY_GB if tiny else DEFAULT_MEMORY_GB
+    if plan_name != DYNAMIC_PLAN:
+        text = plan_name.split(":", 1)[1]
+        try:
+            budget = float(text)
+        except ValueError:
+            budget = float("nan")
+        if not budget > 0:
+            raise ValueError(f"plan={plan_name!r}: after 'dynamic:' comes the memory budget in GB (e.g. dynamic:8)")
+    src = Path(dataset).expanduser()
+    if not src.exists():
+        raise FileNotFoundError(f"dataset not found: {src}")
+    if (src / "plan.json").is_file():
+        fp_path = src / FINGERPRINT_FILE
+        if not fp_path.is_file():
+            raise ValueError(f"{src} is a preprocessed dataset without {FINGERPRINT_FILE}: the dynamic plan needs the "
+                             "raw nnU-Net dataset (or a folder preprocessed by a dynamic run)")
+    else:
+        root = Path(preprocessed_dir).expanduser() if preprocessed_dir else out / "preprocessed"
+        fp_path = root / FINGERPRINT_FILE
+        if info.is_main:
+            with _locked(root):
+                _say(f"fingerprint of {src} -> {fp_path} (reused when the files did not change)", info)
+                dataset_fingerprint(src, cache=fp_path, progress=progress, workers=workers)
+        D.barrier(info)
+    fingerprint = load_fingerprint(fp_path)
+    dyn = dynamic_plan(fingerprint, ArchWidths(arch, *resolve_widths(ModelConfig(arch=arch))), budget,
+                       TINY_MAX_PATCH if tiny else None)
+    if info.is_main:
+        write_json_atomic(record, {**dyn.to_dict(), "fingerprint": str(fp_path.resolve())})
+        _say(f"dynamic plan: spacing {[round(s, 3) for s in dyn.plan.target_spacing]} mm, "
+             f"{dyn.plan.normalization} normalisation, patch {dyn.patch_size}, {dyn.info['stages']} stages of {arch} "
+             f"({dyn.info['feature_map_elements'] / 1e6:.0f}M feature-map elements for a {budget:g} GB budget); "
+             f"{record}", info)
+    return dyn
+
+
 # --------------------------------------------------------------------------- the run
 def _method_name(source: Source | None, recipe: str) -> str:
     base = recipe[: -len("-tiny")] if recipe.endswith("-tiny") else recipe
     if source is None:
         return base
     suffix = base[len("s3d-"):] if base.startswith("s3d-") else base
-    return source.method if base == "s3d" else f"{source.method}+{suffix}"
+    return source.method if base in ("s3d", source.method) else f"{source.method}+{suffix}"
 
 
 def finetune(
@@ -273,7 +346,8 @@ def finetune(
         out: the run directory.
         recipe: a name from :func:`volssl.finetuning.recipes.list_recipes`.
         fold: the cross-validation fold (``0 <= fold < n_folds``).
-        n_train / fraction: train on a seeded subset of the fold's training cases (None: all).
+        n_train / fraction: train on a seeded subset of the fold's training cases (both None: the
+            recipe's ``n_train``, at most the fold's training cases; else all).
         seed: the run seed (subset, initialisation, patches, augmentation).
         preprocessed_dir: where a raw dataset is preprocessed (shared between runs; default
             ``out/preprocessed``).
@@ -292,6 +366,8 @@ def finetune(
         ``preprocessed``, ``recipe``, ``method``, ``n_train`` and ``transfer`` (the transfer report).
     """
     cfg = resolve_recipe(recipe, overrides, stage_steps, seed)
+    # the recipe's default subset (AMAES: 20 cases) when the caller asks for none; capped at the fold's size
+    default_n = cfg.n_train if n_train is None and fraction is None else None
     tc = cfg.train
     check_train_config(tc)
     out = Path(out)
@@ -317,7 +393,10 @@ def finetune(
     # ---- data -----------------------------------------------------------------------------
     from volssl.data.preprocess import get_plan
 
-    plan = source.plan if source is not None else get_plan(cfg.plan).to_dict()
+    # "No (Dyn.)": from scratch with plan "dynamic" (or "dynamic:<GB>"): an nnU-Net-style plan of this dataset
+    dynamic = dynamic_setup(dataset, cfg.plan, cfg.arch or "resenc-l", out, preprocessed_dir, workers, progress, info,
+                            resume=state is not None) if source is None and is_dynamic(cfg.plan) else None
+    plan = dynamic.plan.to_dict() if dynamic else source.plan if source is not None else get_plan(cfg.plan).to_dict()
     if plan is None:
         _say(f"{source.path} carries no preprocessing plan ({source.kind}); using the S3D plan", info)
         plan = get_plan("s3d").to_dict()
@@ -325,11 +404,14 @@ def finetune(
     # unless a plan was asked for explicitly
     explicit_plan = any(o.strip().startswith("plan=") for o in overrides or [])
     root = prepare_dataset(dataset, plan, out, preprocessed_dir, workers, progress, info,
-                           check=source is not None or explicit_plan)
+                           check=source is not None or explicit_plan or dynamic is not None)
     from volssl.data.dataset import PreprocessedDataset
     from volssl.data.patches import PatchSampler, make_loader
 
     data = PreprocessedDataset(root)
+    if default_n is not None:
+        available = len(make_splits(data.cases, fold, None, None, seed, split_seed, n_folds)["train"])
+        n_train = min(default_n, available)
     splits = make_splits(data.cases, fold, n_train, fraction, seed, split_seed, n_folds)
     by_id = {r.id: r for r in data.cases}
     meta = dataset_meta(root, [by_id[c] for c in splits["train"] + splits["val"]] or data.cases)
@@ -349,8 +431,26 @@ def finetune(
 
     # ---- network ----------------------------------------------------------------------------
     seed_everything(tc.seed, device)
-    base = source.model if source is not None else ModelConfig(arch=cfg.arch or "resenc-l")
-    model_cfg = dataclasses.replace(base, in_channels=len(channels), out_channels=label_map.n_classes)
+    base = source.model if source is not None else ModelConfig(arch=cfg.arch or "resenc-l",
+                                                               **(dynamic.model if dynamic else {}))
+    offsets = None
+    if cfg.task == "affinities":  # instance labels -> affinities (MAE-XNT axons); no deep supervision
+        from volssl.finetuning.affinities import affinity_loss, affinity_targets, make_offsets
+
+        if not meta["instance"]:
+            raise ValueError(f"recipe {cfg.name!r} predicts affinities from instance labels, but {root}'s "
+                             "dataset.json does not declare instance labels")
+        offsets = make_offsets(cfg.affinity_distances)
+        cfg.deep_supervision = False
+
+        def task_loss(outputs: Any, label: torch.Tensor) -> torch.Tensor:
+            target, valid = affinity_targets(label, offsets)
+            return affinity_loss(outputs[0] if isinstance(outputs, (list, tuple)) else outputs, target, valid)
+    else:
+        def task_loss(outputs: Any, label: torch.Tensor) -> torch.Tensor:
+            return deep_supervision_loss(outputs, label_map(label))
+    n_out = len(offsets) if offsets else label_map.n_classes
+    model_cfg = dataclasses.replace(base, in_channels=len(channels), out_channels=n_out)
     from volssl.models.registry import build_model
 
     network = build_model(model_cfg)
@@ -362,7 +462,8 @@ def finetune(
         report = transfer_weights(network, source.network, cfg.transfer, cfg.stem_init, where=source.path)
         _say(f"{source.path} (step {source.step}): {report.summary()}", info)
         source.network = {}  # the weights now live in the network
-    patch = tuple(int(p) for p in (cfg.patch_size or (source.patch_size if source else None) or ()))
+    patch = tuple(int(p) for p in (cfg.patch_size or (source.patch_size if source else None)
+                                   or (dynamic.patch_size if dynamic else None) or ()))
     if len(patch) != 3:
         raise ValueError("no patch size: the checkpoint does not record its pre-training patch; set patch_size=X,Y,Z")
     stride = network.encoder.total_stride
@@ -372,7 +473,12 @@ def finetune(
 
     # ---- optimisation -------------------------------------------------------------------------
     names = set(trainable_names(network, "all", deep_supervision=cfg.deep_supervision))
-    params = [p for n, p in network.named_parameters() if n in names]
+    if cfg.layer_decay is not None:  # ViT encoders: per-layer lr scales (and no decay of biases / norms)
+        from volssl.training.lr_decay import param_groups_lrd
+
+        params = param_groups_lrd(network, cfg.optim.weight_decay, cfg.layer_decay, names=names)
+    else:
+        params = [p for n, p in network.named_parameters() if n in names]
     optimizer = build_optimizer(params, cfg.optim)
     schedule = StepSchedule(optimizer, tc.steps, cfg.optim, lr_fn=lambda s: lr_at_step(cfg, s))
     scaler = make_scaler(tc.precision, device)
@@ -405,10 +511,9 @@ def finetune(
         with torch.no_grad():
             images, target = spatial_augment(images, cfg.augment, gen, offset, cfg.batch_size, labels=target)
             images = intensity_augment(images, cfg.intensity, gen, offset, cfg.batch_size)
-            target = label_map(target)
         with autocast_context(tc.precision, device):
             outputs = model(images)
-        return deep_supervision_loss(outputs, target), {}
+        return task_loss(outputs, target), {}
 
     validate = None
     if tc.val_every > 0 and splits["val"]:
@@ -425,7 +530,7 @@ def finetune(
                 for b in val_data:
                     with autocast_context(tc.precision, device):
                         outputs = network(b["image"].to(device).float())
-                    losses.append(deep_supervision_loss(outputs, label_map(b["label"].to(device))).detach())
+                    losses.append(task_loss(outputs, b["label"].to(device)).detach())
             return float(D.all_reduce_mean(torch.stack(losses).mean(), info).item())
 
     pretrained = None if source is None else {"checkpoint": source.path, "kind": source.kind,
@@ -435,7 +540,8 @@ def finetune(
         return dict(kind="finetune", model=config_to_dict(model_cfg), network=network.state_dict(), plan=data.plan,
                     labels=labels, channels=channels, patch_size=list(patch), deep_supervision=cfg.deep_supervision,
                     config=config, recipe=cfg.name, pretrained=pretrained, transfer=report.to_dict(),
-                    fold=int(fold), n_train=len(splits["train"]))
+                    fold=int(fold), n_train=len(splits["train"]), task=cfg.task,
+                    offsets=[list(o) for o in offsets] if offsets else None)
 
     method = method_name or _method_name(source, cfg.name)
     run_json = {"method": method, "dataset": meta["name"], "n_train": len(splits["train"]), "seed": int(seed),

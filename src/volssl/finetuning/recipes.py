@@ -44,6 +44,7 @@ from volssl.training.optim import lr_at
 TRANSFERS = ("all", "encoder", "none")  # what moves from the checkpoint ("none": random init)
 TRAINABLE = ("decoder", "all")  # what a stage trains
 STAGE_LR = ("warmup", "decay", "constant")  # the stage's lr curve
+TASKS = ("semantic", "affinities")  # what the network predicts
 STEM_INITS = ("replicate", "random")  # multi-channel stem: replicated pre-trained weights, or fresh ones
 
 
@@ -80,8 +81,15 @@ class FinetuneRecipe:
             voxel (nnU-Net's 0.33; nnU-Net forces the last ``round(0.33 B)`` patches of each batch
             instead, which is one patch in two at B = 2).
         num_workers: loader processes per rank.
+        n_train: labelled training cases drawn from the fold when the caller gives no ``n_train`` /
+            ``fraction`` (AMAES: 20); None: all of the fold's training cases.
         deep_supervision: Dice + CE on every decoder resolution (nnU-Net's weights), else full only.
         optim: optimiser; ``optim.lr`` is the peak lr, ``optim.schedule`` the decay of "decay" stages.
+        layer_decay: layer-wise lr decay of a ViT encoder (:mod:`volssl.training.lr_decay`: block ``i``
+            at ``layer_decay ** (L - i)`` times the lr, embeddings ``** (L + 1)``, decoder 1; biases and
+            norms then get no weight decay, as in MAE); None: one lr for every parameter.
+        task: "semantic" (classes, Dice + CE) or "affinities" (instance labels -> one affinity per
+            offset: ``affinity_distances`` along each axis, class-balanced MSE; MAE-XNT's axons).
         augment: spatial augmentation (images and labels); intensity: nnU-Net-like intensity augmentation.
         train: precision, seed, logging / checkpoint / validation intervals.
     """
@@ -98,7 +106,11 @@ class FinetuneRecipe:
     batch_size: int = 2
     foreground_prob: float = 0.33
     num_workers: int = 4
+    n_train: int | None = None
     deep_supervision: bool = True
+    layer_decay: float | None = None
+    task: str = "semantic"  # "semantic" (Dice + CE on classes) or "affinities" (instance labels -> affinities)
+    affinity_distances: tuple[int, ...] = (1, 3, 9, 27)  # task "affinities": offsets per axis (MAE-XNT axons)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         name="sgd", lr=1e-3, weight_decay=3e-5, momentum=0.99, nesterov=True, schedule="poly", poly_exponent=0.9,
         grad_clip=12.0))
@@ -133,12 +145,20 @@ class FinetuneRecipe:
             raise ValueError(f"{where}: optim.warmup_steps must be 0: warm-ups are stages with lr='warmup'")
         if not self.optim.lr > 0:
             raise ValueError(f"{where}: optim.lr (the peak lr) must be > 0, got {self.optim.lr}")
+        if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
+            raise ValueError(f"{where}: layer_decay must lie in (0, 1] or be None, got {self.layer_decay}")
         if self.batch_size < 1:
             raise ValueError(f"{where}: batch_size must be >= 1, got {self.batch_size}")
         if not 0.0 <= self.foreground_prob <= 1.0:
             raise ValueError(f"{where}: foreground_prob must lie in [0, 1], got {self.foreground_prob}")
+        if self.n_train is not None and self.n_train < 1:
+            raise ValueError(f"{where}: n_train must be >= 1 or None, got {self.n_train}")
         if self.num_workers < 0:
             raise ValueError(f"{where}: num_workers must be >= 0, got {self.num_workers}")
+        if self.task not in TASKS:
+            raise ValueError(f"{where}: task must be one of {TASKS}, got {self.task!r}")
+        if self.task == "affinities" and (not self.affinity_distances or min(self.affinity_distances) < 1):
+            raise ValueError(f"{where}: affinity_distances must be positive integers, got {self.affinity_distances}")
         if self.patch_size is not None and (len(self.patch_size) != 3 or min(self.patch_size) < 1):
             raise ValueError(f"{where}: patch_size must be three positive integers or None, got {self.patch_size}")
         if self.train.steps != self.total_steps:
@@ -179,7 +199,7 @@ RECIPES: dict[str, Callable[[], FinetuneRecipe]] = {}
 _DECODER_WARMUP = Stage("decoder-warmup", 12_500, "decoder", "warmup")
 _WARMUP = Stage("warmup", 12_500, "all", "warmup")
 _TRAIN = Stage("train", 250_000, "all", "decay")
-_TINY_STEPS = {12_500: 25, 250_000: 250}  # the -tiny siblings' stage lengths
+_TINY_STEPS = {12_500: 25, 250_000: 250, 25_000: 250, 2_500: 250, 400: 160, 1_000: 400}  # the -tiny siblings' stage lengths
 
 
 def register_recipe(name: str) -> Callable[[Callable[[], FinetuneRecipe]], Callable[[], FinetuneRecipe]]:
@@ -198,14 +218,15 @@ def register_recipe(name: str) -> Callable[[Callable[[], FinetuneRecipe]], Calla
 
 def tiny(recipe: FinetuneRecipe) -> FinetuneRecipe:
     """The CPU sibling of ``recipe``: same stages with 25 / 250 instead of 12.5k / 250k steps, tiny
-    network and 64^3 patches when training from scratch (otherwise the checkpoint's), fp32."""
+    network and 64^3 patches when training from scratch (otherwise the checkpoint's), batch <= 2, fp32."""
     stages = tuple(dataclasses.replace(s, steps=_TINY_STEPS.get(s.steps, max(1, s.steps // 1000)))
                    for s in recipe.stages)
     return dataclasses.replace(
         recipe, stages=stages, description=recipe.description + " [tiny CPU sibling: 25/250-step stages]",
         arch=tiny_arch(recipe.arch) if recipe.arch else None, patch_size=(64, 64, 64) if recipe.patch_size else None,
-        num_workers=1, train=dataclasses.replace(recipe.train, precision="fp32", log_every=10, preview_every=100,
-                                                 checkpoint_every=50, val_every=50),
+        num_workers=1, batch_size=min(recipe.batch_size, 2),
+        train=dataclasses.replace(recipe.train, precision="fp32", log_every=10, preview_every=100, checkpoint_every=50,
+                                  val_every=50),
     )
 
 
@@ -338,5 +359,159 @@ def scratch_s3d_schedule() -> FinetuneRecipe:
                   (Stage("warmup-1", 12_500, "all", "warmup"), Stage("warmup-2", 12_500, "all", "warmup"), _TRAIN),
                   transfer="none")
     recipe.arch, recipe.patch_size = "resenc-l", (160, 160, 160)
+    recipe.intensity.enabled = True
+    return recipe
+
+
+# --------------------------------------------------------------------------- MAE-XNT (supplement Tab. 7)
+_MAE_XNT_STEPS = 25_000  # see mae_xnt(): the supplement gives wall time, not steps
+
+
+def _mae_xnt(description: str, lr: float, min_lr: float, weight_decay: float, layer_decay: float | None,
+             transfer: str = "encoder") -> FinetuneRecipe:
+    """A UNETR-XNT fine-tuning row: one cosine stage (lr -> ``min_lr`` = lr / 10, no warm-up), AdamW, no
+    clipping, one full-resolution head (no deep supervision), mirroring only (the flips of the cube
+    symmetries)."""
+    return FinetuneRecipe(
+        description=description, transfer=transfer, stages=(Stage("train", _MAE_XNT_STEPS, "all", "decay"),),
+        batch_size=96, deep_supervision=False, layer_decay=layer_decay,
+        optim=OptimConfig(name="adamw", lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), schedule="cosine",
+                          min_lr=min_lr, grad_clip=None),
+        augment=AugmentConfig(enabled=True, p_rotation=0.0, p_scale=0.0, p_mirror=0.5))
+
+
+@register_recipe("mae-xnt")
+def mae_xnt() -> FinetuneRecipe:
+    return _mae_xnt("MAE-XNT supplement Table 7, row 0.90 / 4 / 320 (cell nuclei): transfer the ViT encoder, new "
+                    "UNETR-XNT decoder; AdamW lr 1e-5, weight decay 1e-4, layer-wise lr decay 0.75; cosine to "
+                    "lr/10 without warm-up and batch 96 (public code); 25k steps = the public code's 100 epochs of "
+                    "24k crops (the paper trains 6 h on 2 H100s)", lr=1e-5, min_lr=1e-6, weight_decay=1e-4,
+                    layer_decay=0.75)
+
+
+@register_recipe("scratch-mae-xnt-schedule")
+def scratch_mae_xnt_schedule() -> FinetuneRecipe:
+    recipe = _mae_xnt("random init with the mae-xnt schedule (25k steps, cosine, batch 96) and the supplement's "
+                      "Table 7 from-scratch values: AdamW lr 1e-4, weight decay 1e-5, no layer-wise decay; "
+                      "vit-b-unetr on 64^3 crops", lr=1e-4, min_lr=1e-5, weight_decay=1e-5, layer_decay=None,
+                      transfer="none")
+    recipe.arch, recipe.patch_size = "vit-b-unetr", (64, 64, 64)
+    return recipe
+
+
+def _mae_xnt_axons(description: str, lr: float, weight_decay: float, steps: int, layer_decay: float | None,
+                   transfer: str) -> FinetuneRecipe:
+    """An XPRESS axon row (supplement Table 10): affinities at offsets 1, 3, 9, 27 per axis (class-balanced
+    MSE), the UNETR-XNT schedule with the searched lr, weight decay, steps and layer-wise decay."""
+    recipe = _mae_xnt(description, lr=lr, min_lr=lr / 10, weight_decay=weight_decay, layer_decay=layer_decay,
+                      transfer=transfer)
+    recipe.stages = (Stage("train", steps, "all", "decay"),)
+    recipe.train = dataclasses.replace(recipe.train, steps=steps)
+    recipe.task = "affinities"
+    recipe.foreground_prob = 0.5
+    return recipe
+
+
+@register_recipe("mae-xnt-axons")
+def mae_xnt_axons() -> FinetuneRecipe:
+    return _mae_xnt_axons("MAE-XNT supplement Table 10, foundation model on XPRESS axons: transfer the ViT encoder, "
+                          "predict 12 affinities; AdamW lr 5e-4, weight decay 0.05, 400 steps, layer-wise lr decay "
+                          "0.75 (agglomeration threshold searched in {0.5, 0.6, 0.7} at prediction)",
+                          lr=5e-4, weight_decay=0.05, steps=400, layer_decay=0.75, transfer="encoder")
+
+
+@register_recipe("scratch-mae-xnt-axons")
+def scratch_mae_xnt_axons() -> FinetuneRecipe:
+    recipe = _mae_xnt_axons("MAE-XNT supplement Table 10, training from scratch on XPRESS axons: 12 affinities; "
+                            "AdamW lr 1e-4, weight decay 0.05, 1000 steps; vit-b-unetr on 64^3 crops",
+                            lr=1e-4, weight_decay=0.05, steps=1000, layer_decay=None, transfer="none")
+    recipe.arch, recipe.patch_size = "vit-b-unetr", (64, 64, 64)
+    return recipe
+
+
+# --------------------------------------------------------------------------- AMAES (Sec. 3.2, 4.2, Appendix A)
+#: AMAES fine-tuning augmentation (the public code's "basic" preset): rotation p .2 (+-30 deg) and
+#: scaling p .2 (0.9-1.1); no mirroring, no elastic deformation, no intensity augmentation
+_AMAES_SPATIAL = AugmentConfig(enabled=True, p_rotation=0.2, rotation_deg=30.0, p_scale=0.2, scale_range=(0.9, 1.1),
+                               p_mirror=0.0)
+
+
+def _amaes(description: str, transfer: str) -> FinetuneRecipe:
+    """An AMAES fine-tuning row: 2500 steps, AdamW (amsgrad, eps 1e-8, weight decay 3e-5) at lr 1e-4 with
+    cosine decay and no warm-up (Appendix A, fine-tune columns), batch 4, 128^3 patches, bf16, one
+    full-resolution head (no deep supervision: the public code's default), 20 labelled cases."""
+    return FinetuneRecipe(
+        description=description, transfer=transfer, stages=(Stage("train", 2_500, "all", "decay"),),
+        plan="amaes", batch_size=4, n_train=20, deep_supervision=False,
+        optim=OptimConfig(name="adamw", lr=1e-4, weight_decay=3e-5, betas=(0.9, 0.999), eps=1e-8, amsgrad=True,
+                          schedule="cosine", grad_clip=None),
+        augment=dataclasses.replace(_AMAES_SPATIAL),
+        train=TrainConfig(steps=1, precision="bf16", log_every=50, preview_every=500, checkpoint_every=500,
+                          val_every=250))
+
+
+@register_recipe("amaes")
+def amaes() -> FinetuneRecipe:
+    return _amaes("AMAES fine-tuning (Sec. 3.2, 4.2, Appendix A): transfer the pre-trained encoder, new U-Net decoder "
+                  "with skips; 2500 steps, AdamW amsgrad lr 1e-4 cosine, no warm-up, batch 4, spatial augmentation "
+                  "only (rotation, scaling), 20 labelled cases", transfer="encoder")
+
+
+@register_recipe("scratch-amaes-schedule")
+def scratch_amaes_schedule() -> FinetuneRecipe:
+    recipe = _amaes("U-Net B from scratch with the amaes schedule (2500 steps, AdamW lr 1e-4 cosine, batch 4, "
+                    "128^3, 20 cases) and, as the paper's from-scratch baselines, the full augmentation: AMAES "
+                    "spatial (with elastic deformation) + nnU-Net-like intensity augmentation", transfer="none")
+    recipe.arch, recipe.patch_size = "unet-b", (128, 128, 128)
+    recipe.augment = dataclasses.replace(_AMAES_SPATIAL, p_elastic=0.33, elastic_alpha=(200.0, 600.0),
+                                         elastic_sigma=(20.0, 30.0))
+    recipe.intensity.enabled = True
+    return recipe
+
+
+# --------------------------------------------------------------------------- SwinUNETR (Tang et al. 2022)
+# The authors' fine-tuning (MONAI research-contributions SwinUNETR/BTCV/main.py defaults): AdamW lr 1e-4,
+# weight decay 1e-5, LinearWarmupCosineAnnealingLR over 5000 epochs with 50 warm-up epochs (an epoch = the
+# 24 BTCV training volumes at batch 1 -> 120k updates, 1.2k of warm-up), 1 volume x 4 crops (RandCropByPosNeg
+# pos 1 : neg 1) of 96^3 per update, Dice + CE on the single output, flips p .2 per axis, intensity scaling
+# p .1 (factor 1 +- 0.1); not mapped: RandRotate90 p .2 and intensity shift p .1 (+-0.1 of a [0, 1] range).
+_SWIN_WARMUP = Stage("warmup", 1_200, "all", "warmup")
+_SWIN_TRAIN = Stage("train", 118_800, "all", "decay")
+
+
+def _swinunetr(description: str, transfer: str) -> FinetuneRecipe:
+    intensity = IntensityConfig(enabled=True, p_noise=0.0, p_blur=0.0, p_brightness=0.1, brightness_range=(0.9, 1.1),
+                                p_contrast=0.0, p_low_res=0.0, p_gamma_inverted=0.0, p_gamma=0.0)
+    return FinetuneRecipe(
+        description=description, transfer=transfer, stages=(_SWIN_WARMUP, _SWIN_TRAIN), patch_size=(96, 96, 96),
+        batch_size=4, foreground_prob=0.5, deep_supervision=False,
+        optim=OptimConfig(name="adamw", lr=1e-4, weight_decay=1e-5, betas=(0.9, 0.999), eps=1e-8, schedule="cosine",
+                          grad_clip=None),
+        augment=AugmentConfig(enabled=True, p_rotation=0.0, p_scale=0.0, p_mirror=0.2), intensity=intensity)
+
+
+@register_recipe("swinunetr")
+def swinunetr() -> FinetuneRecipe:
+    return _swinunetr("SwinUNETR fine-tuning (Tang et al. 2022; MONAI BTCV defaults): transfer the pre-trained Swin "
+                      "ViT encoder into a new SwinUNETR (fresh conv decoder), 1.2k warm-up + 118.8k cosine steps, "
+                      "AdamW lr 1e-4 wd 1e-5, batch 4, 96^3, one output head (no deep supervision)", "encoder")
+
+
+@register_recipe("scratch-swinunetr")
+def scratch_swinunetr() -> FinetuneRecipe:
+    recipe = _swinunetr("SwinUNETR from scratch with the swinunetr schedule (1.2k warm-up + 118.8k cosine steps, "
+                        "AdamW lr 1e-4 wd 1e-5, batch 4, 96^3, no deep supervision)", "none")
+    recipe.arch = "swinunetr"
+    return recipe
+
+
+# --------------------------------------------------------------------------- "No (Dyn.)" (nnU-Net planned per dataset)
+@register_recipe("scratch-dynamic")
+def scratch_dynamic() -> FinetuneRecipe:
+    recipe = _s3d("'No (Dyn.)': random init with the dataset's own nnU-Net-style plan (volssl.data.dynamic_plan: "
+                  "median target spacing, normalisation by modality, patch and ResEncL depth from the median shape "
+                  "under a 24 GB budget; plan=dynamic:<GB> for another), nnU-Net's from-scratch training: 250k "
+                  "steps, poly from lr 1e-2, spatial + intensity augmentation", (_TRAIN,), lr=1e-2, transfer="none")
+    recipe.arch, recipe.plan, recipe.patch_size = "resenc-l", "dynamic", None
     recipe.intensity.enabled = True
     return recipe

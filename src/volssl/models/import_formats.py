@@ -12,6 +12,11 @@ from typing import Any
 IMPORT_FORMATS: dict[str, tuple[str, str]] = {
     "nnssl": ("volssl.models.checkpoint_import:convert_nnssl",
               "nnssl network_weights of a dynamic-network-architectures ResidualEncoderUNet"),
+    "amaes": ("volssl.models.import_amaes:convert_amaes",
+              "AMAES (asbjrnmunk/amaes) Yucca U-Net / MedNeXt state dict, _orig_mod. keys allowed"),
+    "swinunetr": ("volssl.models.import_swinunetr:convert_swinunetr",
+                  "SwinUNETR: the authors' SSL Swin ViT (module./swinViT./swin_vit. keys) or a MONAI SwinUNETR "
+                  "state dict"),
 }
 
 

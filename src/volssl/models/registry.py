@@ -80,6 +80,10 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 
 #: modules that register further architecture families (imported on first use of the registry)
 ARCH_MODULES: list[str] = [
+    "volssl.models.unet",
+    "volssl.models.mednext",
+    "volssl.models.swinunetr",
+    "volssl.models.unetr_xnt",
 ]
 _loaded = False
 
