@@ -19,21 +19,14 @@ import statistics
 import sys
 from typing import Any, Callable
 
-from volssl.bench.step import _resolve_device, _timed
+from volssl.bench.step import _resolve_device, _timed, add_step_arguments
 
 PAPER_SPEEDUP = 1.25
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--arch", default="unet-tiny", help="backbone (default: unet-tiny)")
-    parser.add_argument("--batch", type=int, default=2, help="batch size (default: 2)")
-    parser.add_argument("--patch", type=int, default=64, help="cubic patch side in voxels (default: 64)")
-    parser.add_argument("--repeats", type=int, default=10, help="timed steps of each kind (default: 10)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each kind first (default: 2)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    add_step_arguments(parser, "unet-tiny")
     parser.add_argument("--artifacts", action="store_true", help="apply the intensity artifacts on both sides")
-    parser.add_argument("--seed", type=int, default=0)
 
 
 def _setup(arch: str, batch: int, patch: int, device: str, seed: int, artifacts: bool = False):

@@ -27,8 +27,9 @@ from typing import Any, Callable
 TARGET_RATIO = 1.15
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--arch", default="resenc-tiny", help="architecture (default: resenc-tiny)")
+def add_step_arguments(parser: argparse.ArgumentParser, arch: str) -> None:
+    """The options every step-time benchmark shares (architecture, batch, patch, repeats, device)."""
+    parser.add_argument("--arch", default=arch, help=f"architecture (default: {arch})")
     parser.add_argument("--batch", type=int, default=2, help="batch size (default: 2)")
     parser.add_argument("--patch", type=int, default=64, help="cubic patch side in voxels (default: 64)")
     parser.add_argument("--repeats", type=int, default=10, help="timed steps of each kind (default: 10)")
@@ -36,6 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     parser.add_argument("--seed", type=int, default=0)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_step_arguments(parser, "resenc-tiny")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
 
 

@@ -135,7 +135,32 @@ class _LRU:
         return len(self._items)
 
 
-class PatchSampler(Dataset):
+class PatchStream(Dataset):
+    """Base of the map-style patch streams: an unbounded index space, and per-process caches (open
+    arrays, ...) named in ``_transient`` that are dropped when pickled for a worker and rebuilt by
+    ``_init_caches`` there (open handles never travel to another process)."""
+
+    _transient: tuple[str, ...] = ("_arrays",)
+
+    def _init_caches(self) -> None:
+        raise NotImplementedError
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        for key in self._transient:
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._init_caches()
+
+    def __len__(self) -> int:
+        """The stream is unbounded; ``len`` is only there for code that insists on one."""
+        return sys.maxsize
+
+
+class PatchSampler(PatchStream):
     """Random patches of a preprocessed dataset; item ``k`` is a pure function of ``(seed, k)``.
 
     For item ``k`` a generator ``np.random.default_rng([seed, k])`` draws, in this order:
@@ -181,6 +206,8 @@ class PatchSampler(Dataset):
     (window start in voxels, negative where padded; the window has ``source_shape(patch_size,
     symmetry)``), ``"symmetry"`` int (0: identity) and ``"index"`` int (``k``).
     """
+
+    _transient = ("_arrays", "_locations")
 
     def __init__(
         self,
@@ -271,21 +298,7 @@ class PatchSampler(Dataset):
         self._arrays = _LRU(self.max_open)
         self._locations = _LRU(4 * self.max_open)
 
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state.pop("_arrays", None)  # open handles never travel to another process
-        state.pop("_locations", None)
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._init_caches()
-
     # -- access ---------------------------------------------------------------------------------
-
-    def __len__(self) -> int:
-        """The stream is unbounded; ``len`` is only there for code that insists on one."""
-        return sys.maxsize
 
     def _array(self, path: Path):
         return self._arrays.get(path, lambda: open_array(path, nthreads=self.decode_threads))

@@ -29,17 +29,15 @@ sampler carries only paths and shapes, so DataLoader workers (fork or spawn) ope
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from volssl.data.cube_symmetries import N_SYMMETRIES, apply_symmetry, source_shape
-from volssl.data.patches import SAMPLING_MODES, _LRU, _patch_size, zscore_crop
+from volssl.data.patches import SAMPLING_MODES, _LRU, PatchStream, _patch_size, zscore_crop
 from volssl.data.readers import (
     TIFF_SUFFIXES, ZARR_SUFFIXES, VolumeError, _strip_suffix, discover, sanitize_id, volume_suffix,
 )
@@ -388,7 +386,7 @@ def read_crop(volume: CropVolume, array: Any, origin: Sequence[int], size: Seque
 # the sampler
 
 
-class VolumeCropSampler(Dataset):
+class VolumeCropSampler(PatchStream):
     """Random crops of large volumes; item ``k`` is a pure function of ``(seed, k)``.
 
     For item ``k`` a generator ``np.random.default_rng([seed, k])`` draws, in this order:
@@ -473,19 +471,6 @@ class VolumeCropSampler(Dataset):
 
     def _init_caches(self) -> None:
         self._arrays = _LRU(self.max_open)
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state.pop("_arrays", None)  # open handles never travel to another process
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._init_caches()
-
-    def __len__(self) -> int:
-        """The stream is unbounded; ``len`` is only there for code that insists on one."""
-        return sys.maxsize
 
     @property
     def total_voxels(self) -> int:
