@@ -17,6 +17,12 @@ if TYPE_CHECKING:  # torch stays unimported until a method is built
 # method name (RunConfig.method.name) -> "module:class" of its nn.Module (imported on demand)
 METHODS: dict[str, str] = {
     "s3d": "volssl.methods.s3d:S3D",
+    "mae-xnt": "volssl.methods.mae_xnt:MAEXNT",
+    "swinunetr-ssl": "volssl.methods.swinunetr_ssl:SwinUNETRSSL",
+    "models-genesis": "volssl.methods.models_genesis:ModelsGenesis",
+    "volume-fusion": "volssl.methods.volume_fusion:VolumeFusion",
+    "voco": "volssl.methods.voco:VoCo",
+    "amaes": "volssl.methods.amaes:AMAES",
 }
 
 

@@ -129,20 +129,38 @@ def _config_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 def _default_batches(cfg: RunConfig, data_dir: str | os.PathLike, pin_memory: bool = False
                      ) -> tuple[BatchFactory, dict]:
-    """The real patch stream of a preprocessed dataset, and its plan."""
-    from volssl.data.dataset import PreprocessedDataset
+    """The real patch stream of ``data_dir``, and its plan.
+
+    A preprocessed dataset (``plan.json``) is read by ``PatchSampler`` (``data.symmetries`` and
+    ``data.crop_zscore`` honoured); anything else (a folder of TIFF / Zarr volumes, or one volume) by
+    ``VolumeCropSampler``: crops read straight from the files, always z-scored per crop, one
+    channel; its plan is ``volume_crops.volume_plan`` (the "xnt" plan plus a ``"source"`` entry).
+    """
     from volssl.data.patches import PatchSampler, make_loader
 
-    dataset = PreprocessedDataset(data_dir)
-    sampler = PatchSampler(dataset, cfg.data.patch_size, foreground_prob=cfg.data.foreground_prob,
-                           seed=cfg.train.seed, sampling=cfg.data.sampling, channel_mode=cfg.data.channel_mode,
-                           with_labels=False)
+    if not (Path(data_dir) / "plan.json").is_file():
+        from volssl.data.volume_crops import VolumeCropSampler, volume_plan
+
+        if cfg.model.in_channels != 1:
+            raise ValueError(f"{data_dir}: crops of TIFF / Zarr volumes have one channel, but model.in_channels = "
+                             f"{cfg.model.in_channels}")
+        sampler = VolumeCropSampler(data_dir, cfg.data.patch_size, seed=cfg.train.seed, sampling=cfg.data.sampling,
+                                    symmetries=cfg.data.symmetries, zscore=True)
+        plan = volume_plan(sampler)
+    else:
+        from volssl.data.dataset import PreprocessedDataset
+
+        dataset = PreprocessedDataset(data_dir)
+        sampler = PatchSampler(dataset, cfg.data.patch_size, foreground_prob=cfg.data.foreground_prob,
+                               seed=cfg.train.seed, sampling=cfg.data.sampling, channel_mode=cfg.data.channel_mode,
+                               with_labels=False, symmetries=cfg.data.symmetries, crop_zscore=cfg.data.crop_zscore)
+        plan = dataset.plan
 
     def factory(start_batch: int, rank: int, world_size: int) -> Iterable[dict]:
         return make_loader(sampler, cfg.data.batch_size, cfg.data.num_workers, start_batch=start_batch,
                            rank=rank, world_size=world_size, pin_memory=pin_memory)
 
-    return factory, dataset.plan
+    return factory, plan
 
 
 class _Signals:
@@ -285,6 +303,8 @@ def run_loop(
             drives ``best.pt`` (else the smoothed training loss does).
         on_step: called with the step index before every step; returns True when it changed which
             parameters require gradients (the module is then re-wrapped and clipping sees the new set).
+            After every optimiser update the loop calls ``module.after_step(steps_done)`` when the
+            module has such a method (a momentum teacher's EMA update, outside autograd and validation).
         name: the command, for messages and the progress bar; ``title``: the preview title prefix.
         progress: show a tqdm progress bar on stderr (rank 0).
 
@@ -326,6 +346,8 @@ def run_loop(
         on_step(start)
     model = wrap()
     params = trainable_parameters(module)
+    after_step = getattr(module, "after_step", None)
+    after_step = after_step if callable(after_step) else None
     logger = ScalarLogger(out, resume_step=start if start else None) if info.is_main else None
 
     def checkpoint(tags: list[str], done: int, last_loss: float | None) -> None:
@@ -377,6 +399,8 @@ def run_loop(
                 scaler.step(optimizer)
                 scaler.update()
                 done = step + 1
+                if after_step is not None:  # e.g. a momentum teacher's EMA (methods/voco.py)
+                    after_step(done)
                 schedule.set_step(done)
                 gloss = D.all_reduce_mean(loss.detach().float(), info)
                 ema = gloss.clone() if ema is None else EMA_DECAY * ema + (1 - EMA_DECAY) * gloss
@@ -456,7 +480,8 @@ def pretrain(
 
     Args:
         cfg: the resolved configuration (saved to ``out_dir/config.json``).
-        data_dir: a preprocessed dataset (``volssl preprocess`` output); may be None with ``batches``.
+        data_dir: a preprocessed dataset (``volssl preprocess`` output), or a folder of TIFF / Zarr
+            volumes (or one volume) read by crop (see :func:`_default_batches`); may be None with ``batches``.
         out_dir: the run directory.
         resume: continue from ``out_dir/checkpoints/latest.pt`` (start afresh if there is none). The
             configuration must equal the saved one except for :data:`RESUME_MUTABLE` fields.
