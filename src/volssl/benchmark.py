@@ -236,7 +236,7 @@ def run_benchmark(out: str | Path, methods: Sequence[str], datasets: Sequence[st
                   seeds: Sequence[int] = (0, 1, 2), scale: str = "tiny", generalisation: Sequence[str] = (),
                   unlabeled: str | None = None, workers: int = 2, device: str = "cpu", seed: int = 0,
                   report: bool = True, pretrain_steps: int | None = None,
-                  finetune_steps: int | None = None) -> dict[str, Any]:
+                  finetune_steps: int | None = None, n_labeled: int | None = None) -> dict[str, Any]:
     """Run the comparison into ``out`` (see the module docstring); returns ``benchmark.json``'s content.
 
     Args:
@@ -251,17 +251,18 @@ def run_benchmark(out: str | Path, methods: Sequence[str], datasets: Sequence[st
         unlabeled: an nnU-Net raw dataset or image folder as the unlabeled pool (default: phantoms of
             each dataset's domain, generated into ``out/unlabeled/<domain>``).
         workers: cells fine-tuned in parallel (one thread each); device: "cpu", "cuda", ...
-        pretrain_steps, finetune_steps: override the scale's step counts (a changed count is a new
-            experiment: use another ``out``).
+        pretrain_steps, finetune_steps, n_labeled: override the scale's step counts and the number of
+            labeled phantoms generated per task (a changed value is a new experiment: use another ``out``).
     """
     from volssl.reports.report import make_report
 
     if scale not in SCALES:
         raise ValueError(f"unknown benchmark scale {scale!r}; choose one of {', '.join(SCALES)}")
     sc = SCALES[scale]
-    if pretrain_steps or finetune_steps:
+    if pretrain_steps or finetune_steps or n_labeled:
         sc = dataclasses.replace(sc, pretrain_steps=pretrain_steps or sc.pretrain_steps,
-                                 finetune_steps=finetune_steps or sc.finetune_steps)
+                                 finetune_steps=finetune_steps or sc.finetune_steps,
+                                 n_labeled=n_labeled or sc.n_labeled)
     unknown = [m for m in methods if m not in ARMS]
     if unknown:
         raise ValueError(f"unknown benchmark method(s) {unknown}; known: {', '.join(ARMS)}")

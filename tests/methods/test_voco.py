@@ -3,8 +3,6 @@ out of the optimiser, in the checkpoint, updated by the trainer's after-step hoo
 a tiny pre-training on brain phantoms whose loss decreases, and an encoder-only checkpoint that
 fine-tuning accepts."""
 import dataclasses
-import itertools
-import json
 
 import numpy as np
 import pytest
@@ -14,6 +12,7 @@ from volssl.config import ModelConfig, get_preset, resolve
 from volssl.methods import MethodOutput, build_method
 from volssl.methods.voco import VoCo, VoCoConfig, assign, overlap_targets, voco_loss
 from volssl.models.registry import build_model
+from baseline_helpers import phantom_pool, shown_appendix_a_preset  # tests/methods/ (see conftest.py)
 
 PATCH = (48, 48, 16)  # 3 x 3 x 1 base crops of 16^3
 SMALL = ModelConfig(arch="resenc-tiny", features=(8, 16, 32, 32), blocks=(1, 1, 1, 1), strides=(1, 2, 2, 2))
@@ -159,14 +158,7 @@ def test_config_checks_and_transfer_state_dict():
 
 
 def test_preset_values_on_the_command_line(capsys):
-    from volssl.cli import main
-
-    assert main(["config", "show", "voco", "--json"]) == 0
-    cfg = json.loads(capsys.readouterr().out)
-    assert cfg["model"]["arch"] == "resenc-l" and cfg["data"]["patch_size"] == [192, 192, 64]
-    assert cfg["data"]["batch_size"] == 12 and cfg["train"]["steps"] == 250_000
-    assert (cfg["optim"]["name"], cfg["optim"]["lr"], cfg["optim"]["schedule"], cfg["optim"]["momentum"],
-            cfg["optim"]["weight_decay"]) == ("sgd", 1e-2, "poly", 0.99, 3e-5)
+    cfg = shown_appendix_a_preset(capsys, "voco", (192, 192, 64), 12)
     m = cfg["method"]
     assert (m["name"], m["grid"], m["random_crops"], m["teacher"], m["momentum"]) == ("voco", [3, 3, 1], 5, True, 0.9)
     assert [p // g for p, g in zip(cfg["data"]["patch_size"], m["grid"])] == [64, 64, 64]  # 64^3 crops
@@ -176,34 +168,6 @@ def test_preset_values_on_the_command_line(capsys):
 
 
 # --------------------------------------------------------------------------- training and fine-tuning
-def phantom_pool(batch, patch, n_batches, seed=0):
-    """``n_batches`` fixed batches of z-scored single-channel brain-phantom patches, and a BatchFactory
-    cycling through them (random crops are still drawn afresh at every step)."""
-    from volssl.data.phantoms import make_case
-
-    vols = []
-    for i in range(3):
-        for c in make_case("brain", seed, i, shape=(48, 48, 48)).images.astype(np.float32):
-            if all(d >= p for d, p in zip(c.shape, patch)):
-                vols.append(torch.from_numpy((c - c.mean()) / (c.std() + 1e-6)))
-    g = torch.Generator().manual_seed(seed)
-    pool = []
-    for _ in range(n_batches):
-        out = []
-        for _ in range(batch):
-            v = vols[int(torch.randint(len(vols), (1,), generator=g))]
-            s = [int(torch.randint(0, d - p + 1, (1,), generator=g)) for d, p in zip(v.shape, patch)]
-            out.append(v[s[0]:s[0] + patch[0], s[1]:s[1] + patch[1], s[2]:s[2] + patch[2]][None])
-        pool.append(torch.stack(out))
-
-    def factory(start, rank, world):
-        rows = batch // world
-        for k in itertools.count(start):
-            yield {"image": pool[k % n_batches][rank * rows:(rank + 1) * rows]}
-
-    return factory
-
-
 def test_the_trainer_calls_after_step_once_per_update(tmp_path):
     from volssl.training.trainer import pretrain
 

@@ -1,8 +1,6 @@
 """VolumeFusion: the fusion target on hand-made inputs, the box painting, the pairs, Dice + CE,
 data-parallel rows, a tiny pre-training on brain phantoms whose loss decreases, and a checkpoint
 that fine-tuning accepts."""
-import itertools
-import json
 
 import numpy as np
 import pytest
@@ -12,6 +10,7 @@ from volssl.config import ModelConfig, get_preset, resolve
 from volssl.methods import MethodOutput, build_method
 from volssl.methods.volume_fusion import VolumeFusion, VolumeFusionConfig, dice_ce_loss
 from volssl.models.registry import build_model
+from baseline_helpers import phantom_batches, shown_appendix_a_preset  # tests/methods/ (see conftest.py)
 
 PATCH = (32, 32, 32)
 
@@ -152,14 +151,7 @@ def test_config_checks_and_transfer_state_dict():
 
 
 def test_preset_values_on_the_command_line(capsys):
-    from volssl.cli import main
-
-    assert main(["config", "show", "volume-fusion", "--json"]) == 0
-    cfg = json.loads(capsys.readouterr().out)
-    assert cfg["model"]["arch"] == "resenc-l" and cfg["data"]["patch_size"] == [160, 160, 160]
-    assert cfg["data"]["batch_size"] == 6 and cfg["train"]["steps"] == 250_000
-    assert (cfg["optim"]["name"], cfg["optim"]["lr"], cfg["optim"]["schedule"], cfg["optim"]["momentum"],
-            cfg["optim"]["weight_decay"]) == ("sgd", 1e-2, "poly", 0.99, 3e-5)
+    cfg = shown_appendix_a_preset(capsys, "volume-fusion", (160, 160, 160), 6)
     m = cfg["method"]
     assert (m["name"], m["levels"], m["boxes"], m["box_min"], m["box_max_fraction"]) == (
         "volume-fusion", 5, [10, 40], 8, 0.625)
@@ -167,30 +159,6 @@ def test_preset_values_on_the_command_line(capsys):
     tiny = get_preset("volume-fusion-tiny")
     method = build_method(tiny)
     assert isinstance(method, VolumeFusion) and method.network.decoder.out_channels == 5
-
-
-def phantom_batches(batch, patch, seed=0, n_cases=3):
-    """A BatchFactory of z-scored single-channel patches of brain phantoms (T1, T2, FLAIR as volumes)."""
-    from volssl.data.phantoms import make_case
-
-    vols = []
-    for i in range(n_cases):
-        for c in make_case("brain", seed, i, shape=(48, 48, 48)).images.astype(np.float32):
-            if min(c.shape) >= max(patch):
-                vols.append(torch.from_numpy((c - c.mean()) / (c.std() + 1e-6)))
-
-    def factory(start, rank, world):
-        rows = batch // world
-        for k in itertools.count(start):
-            g = torch.Generator().manual_seed(seed * 1_000_003 + k)
-            out = []
-            for _ in range(batch):
-                v = vols[int(torch.randint(len(vols), (1,), generator=g))]
-                s = [int(torch.randint(0, d - p + 1, (1,), generator=g)) for d, p in zip(v.shape, patch)]
-                out.append(v[s[0]:s[0] + patch[0], s[1]:s[1] + patch[1], s[2]:s[2] + patch[2]][None])
-            yield {"image": torch.stack(out)[rank * rows:(rank + 1) * rows]}
-
-    return factory
 
 
 def test_tiny_pretraining_loss_decreases_and_the_checkpoint_fine_tunes(tmp_path):

@@ -29,6 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pretrain-steps", type=int, default=None, help="override the scale's pre-training steps")
     p.add_argument("--finetune-steps", type=int, default=None,
                    help="override the scale's fine-tuning steps (split over a recipe's stages in its proportions)")
+    p.add_argument("--n-labeled", type=int, default=None,
+                   help="labeled training phantoms generated per phantom task (default: the scale's)")
     p.add_argument("--list", action="store_true", help="list the methods and scales, then exit")
     p.set_defaults(func=_run)
 
@@ -51,5 +53,5 @@ def _run(args: argparse.Namespace) -> int:
                   seeds=[int(s) for s in _split(args.seeds)], scale=args.scale,
                   generalisation=_split(args.generalisation), unlabeled=args.unlabeled, workers=args.workers,
                   device=args.device, seed=args.seed, pretrain_steps=args.pretrain_steps,
-                  finetune_steps=args.finetune_steps)
+                  finetune_steps=args.finetune_steps, n_labeled=args.n_labeled)
     return 0

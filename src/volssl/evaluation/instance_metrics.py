@@ -43,7 +43,7 @@ Definitions (``n_ij`` voxels with ``gt = i`` and ``seg = j``, ``a_i = sum_j n_ij
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Iterator, Mapping, Sequence, Union
 
 import numpy as np
 from scipy import ndimage
@@ -184,13 +184,7 @@ def skeleton_graphs(volume: np.ndarray) -> dict[int, Skeleton]:
     volume = np.asarray(volume)
     if volume.ndim != 3 or volume.dtype.kind not in "iub":
         raise ValueError(f"a skeleton volume must be a 3D integer label array, got {volume.dtype} {volume.shape}")
-    ids, dense = _dense_ids(volume)
-    out: dict[int, Skeleton] = {}
-    for k, box in enumerate(ndimage.find_objects(dense), start=1):
-        if box is not None:
-            coords = np.argwhere(dense[box] == k) + np.array([b.start for b in box])
-            out[int(ids[k])] = voxels_to_graph(coords)
-    return out
+    return {i: voxels_to_graph(np.argwhere(mask) + origin) for i, mask, origin in _instance_masks(volume)}
 
 
 def _dense_ids(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -202,6 +196,17 @@ def _dense_ids(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         dense += 1
         ids = np.concatenate([np.zeros(1, ids.dtype), ids])
     return ids, dense
+
+
+def _instance_masks(labels: np.ndarray, pad: int = 0) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """``(id, mask, origin)`` per non-zero id of ``labels``, in increasing id order: ``mask`` (bool) is
+    the id's voxels in its bounding box grown by ``pad`` voxels per side (clipped to the volume),
+    ``origin`` (3,) int the box's first voxel, so ``np.argwhere(mask) + origin`` are volume coordinates."""
+    ids, dense = _dense_ids(labels)
+    for k, box in enumerate(ndimage.find_objects(dense), start=1):
+        if box is not None:
+            box = tuple(slice(max(0, b.start - pad), b.stop + pad) for b in box)
+            yield int(ids[k]), dense[box] == k, np.array([b.start for b in box])
 
 
 def skeletonize_labels(labels: np.ndarray) -> dict[int, Skeleton]:
@@ -217,19 +222,12 @@ def skeletonize_labels(labels: np.ndarray) -> dict[int, Skeleton]:
     labels = np.asarray(labels)
     if labels.ndim != 3 or labels.dtype.kind not in "iu":
         raise ValueError(f"labels must be a 3D integer instance map, got {labels.dtype} {labels.shape}")
-    ids, dense = _dense_ids(labels)
     out: dict[int, Skeleton] = {}
-    for k, box in enumerate(ndimage.find_objects(dense), start=1):
-        if box is None:
-            continue
-        padded = tuple(slice(max(0, b.start - 1), b.stop + 1) for b in box)
-        mask = dense[padded] == k
-        skel = skeletonize(mask)
-        coords = np.argwhere(skel & mask)
+    for i, mask, origin in _instance_masks(labels, pad=1):
+        coords = np.argwhere(skeletonize(mask) & mask)
         if coords.size == 0:
             coords = np.array([ndimage.maximum_position(ndimage.distance_transform_edt(mask))])
-        coords = coords + np.array([p.start for p in padded])
-        out[int(ids[k])] = voxels_to_graph(coords)
+        out[i] = voxels_to_graph(coords + origin)
     return out
 
 

@@ -13,7 +13,6 @@ that space and the network (linear 1^3 output conv, no sigmoid) regresses the re
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -23,8 +22,8 @@ from torch import Tensor, nn
 from volssl.config import MethodConfig, RunConfig, register_method_config
 from volssl.data.genesis_transforms import apply_genesis, draw_genesis, minmax_rescale
 from volssl.methods import MethodOutput
+from volssl.methods.backbone import check_stride_divisible, method_on_backbone
 from volssl.methods.masking import _rows
-from volssl.models.registry import build_model
 from volssl.models.resenc_unet import ResEncUNet
 
 SEED_BOUND = 2**62
@@ -88,23 +87,11 @@ class ModelsGenesis(nn.Module):
     @classmethod
     def from_config(cls, cfg: RunConfig) -> "ModelsGenesis":
         """Build from a RunConfig: ``cfg.model`` with ``out_channels = in_channels``, ``cfg.method``."""
-        if not isinstance(cfg.method, ModelsGenesisConfig):
-            raise ValueError(f"ModelsGenesis: cfg.method must be a ModelsGenesisConfig, got "
-                             f"{type(cfg.method).__name__}")
-        network = build_model(dataclasses.replace(cfg.model, out_channels=cfg.model.in_channels))
-        if not isinstance(network, ResEncUNet):
-            raise ValueError(f"ModelsGenesis needs a ResEnc U-Net backbone, got architecture {cfg.model.arch!r}")
-        method = cls(network, cfg.method)
-        method.check_patch(cfg.data.patch_size)
-        return method
+        return method_on_backbone(cls, cfg, ModelsGenesisConfig, ResEncUNet)
 
     def check_patch(self, patch_size) -> None:
         """ValueError unless the patch fits the encoder and the painting boxes (every side >= 16)."""
-        patch = tuple(int(p) for p in patch_size)
-        stride = self.network.encoder.total_stride
-        if len(patch) != 3 or any(p % stride for p in patch):
-            raise ValueError(f"ModelsGenesis: patch size {patch} must be 3 sides divisible by the encoder's total "
-                             f"stride {stride}")
+        patch = check_stride_divisible("ModelsGenesis", patch_size, self.network.encoder.total_stride)
         if min(patch) < 16:
             raise ValueError(f"ModelsGenesis: patch size {patch} is too small for the painting boxes (>= 16 per side)")
 

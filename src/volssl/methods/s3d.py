@@ -6,7 +6,6 @@ is the ``nn.Module`` the trainer optimises (see docs/design.md, "Methods").
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -14,8 +13,8 @@ from torch import Tensor, nn
 
 from volssl.config import MethodConfig, RunConfig, register_method_config
 from volssl.methods import MethodOutput
+from volssl.methods.backbone import method_on_backbone
 from volssl.methods.masking import block_mask
-from volssl.models.registry import build_model
 from volssl.models.resenc_unet import ResEncUNet, init_weights
 
 
@@ -89,15 +88,7 @@ class S3D(nn.Module):
     @classmethod
     def from_config(cls, cfg: RunConfig) -> "S3D":
         """Build from a RunConfig: ``cfg.model`` with ``out_channels = in_channels``, ``cfg.method``."""
-        if not isinstance(cfg.method, S3DConfig):
-            raise ValueError(f"S3D: cfg.method must be an S3DConfig, got {type(cfg.method).__name__}")
-        model_cfg = dataclasses.replace(cfg.model, out_channels=cfg.model.in_channels)
-        network = build_model(model_cfg)
-        if not isinstance(network, ResEncUNet):
-            raise ValueError(f"S3D needs a ResEnc U-Net backbone, got architecture {cfg.model.arch!r}")
-        method = cls(network, cfg.method)
-        method.check_patch(cfg.data.patch_size)
-        return method
+        return method_on_backbone(cls, cfg, S3DConfig, ResEncUNet)
 
     def check_patch(self, patch_size) -> None:
         """ValueError unless every side of ``patch_size`` is a multiple of the mask block."""

@@ -41,7 +41,6 @@ is pre-trained (its conv decoder is frozen: the authors transfer the Swin ViT al
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -52,7 +51,7 @@ from torch import Tensor, nn
 
 from volssl.config import MethodConfig, RunConfig, register_method_config
 from volssl.methods import MethodOutput
-from volssl.models.registry import build_model
+from volssl.methods.backbone import method_on_backbone
 from volssl.models.swinunetr import SwinUNETRNet
 
 HEAD_TOKENS = ("first", "mean")
@@ -243,14 +242,7 @@ class SwinUNETRSSL(nn.Module):
     @classmethod
     def from_config(cls, cfg: RunConfig) -> "SwinUNETRSSL":
         """Build from a RunConfig: ``cfg.model`` (a swinunetr architecture), ``cfg.method``; checks the patch."""
-        if not isinstance(cfg.method, SwinUNETRSSLConfig):
-            raise ValueError(f"SwinUNETRSSL: cfg.method must be a SwinUNETRSSLConfig, got {type(cfg.method).__name__}")
-        network = build_model(dataclasses.replace(cfg.model, out_channels=cfg.model.in_channels))
-        if not isinstance(network, SwinUNETRNet):
-            raise ValueError(f"swinunetr-ssl needs a SwinUNETR backbone, got architecture {cfg.model.arch!r}")
-        method = cls(network, cfg.method)
-        method.check_patch(cfg.data.patch_size)
-        return method
+        return method_on_backbone(cls, cfg, SwinUNETRSSLConfig, SwinUNETRNet, needs="a SwinUNETR backbone")
 
     def check_patch(self, patch_size: Sequence[int]) -> None:
         """ValueError unless ``patch_size`` fits: multiples of 32, equal sides in the rotation plane, at

@@ -29,7 +29,6 @@ official pipeline does; whole-patch spatial augmentation is left to the trainer'
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -39,8 +38,8 @@ from torch import Tensor, nn
 
 from volssl.config import MethodConfig, RunConfig, register_method_config
 from volssl.methods import MethodOutput
+from volssl.methods.backbone import method_on_backbone
 from volssl.methods.masking import _rows
-from volssl.models.registry import build_model
 from volssl.models.resenc_unet import ResEncUNet
 
 POOLS = ("all", "bottleneck")
@@ -181,14 +180,7 @@ class VoCo(nn.Module):
     @classmethod
     def from_config(cls, cfg: RunConfig) -> "VoCo":
         """Build from a RunConfig: ``cfg.model`` (``out_channels = in_channels``, the decoder is unused)."""
-        if not isinstance(cfg.method, VoCoConfig):
-            raise ValueError(f"VoCo: cfg.method must be a VoCoConfig, got {type(cfg.method).__name__}")
-        network = build_model(dataclasses.replace(cfg.model, out_channels=cfg.model.in_channels))
-        if not isinstance(network, ResEncUNet):
-            raise ValueError(f"VoCo needs a ResEnc U-Net backbone, got architecture {cfg.model.arch!r}")
-        method = cls(network, cfg.method)
-        method.crop_size(cfg.data.patch_size)
-        return method
+        return method_on_backbone(cls, cfg, VoCoConfig, ResEncUNet, check="crop_size")
 
     @property
     def n_base(self) -> int:

@@ -12,7 +12,6 @@ optimises (see docs/design.md, "Methods").
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -21,8 +20,8 @@ from torch import Tensor, nn
 
 from volssl.config import MethodConfig, RunConfig, register_method_config
 from volssl.methods import MethodOutput
+from volssl.methods.backbone import check_stride_divisible, method_on_backbone
 from volssl.methods.masking import _rows
-from volssl.models.registry import build_model
 from volssl.models.resenc_unet import ResEncUNet
 
 
@@ -83,22 +82,14 @@ class VolumeFusion(nn.Module):
     @classmethod
     def from_config(cls, cfg: RunConfig) -> "VolumeFusion":
         """Build from a RunConfig: ``cfg.model`` with ``out_channels = cfg.method.levels``."""
-        if not isinstance(cfg.method, VolumeFusionConfig):
-            raise ValueError(f"VolumeFusion: cfg.method must be a VolumeFusionConfig, got {type(cfg.method).__name__}")
-        network = build_model(dataclasses.replace(cfg.model, out_channels=cfg.method.levels))
-        if not isinstance(network, ResEncUNet):
-            raise ValueError(f"VolumeFusion needs a ResEnc U-Net backbone, got architecture {cfg.model.arch!r}")
-        method = cls(network, cfg.method)
-        method.check_patch(cfg.data.patch_size)
-        return method
+        return method_on_backbone(cls, cfg, VolumeFusionConfig, ResEncUNet,
+                                  out_channels=getattr(cfg.method, "levels", None))
 
     def check_patch(self, patch_size) -> None:
         """ValueError unless every side is divisible by the encoder's total stride and >= ``box_min``."""
-        patch = tuple(int(p) for p in patch_size)
-        stride = self.network.encoder.total_stride
-        if len(patch) != 3 or any(p % stride for p in patch) or min(patch) < self.cfg.box_min:
-            raise ValueError(f"VolumeFusion: patch size {patch} must be 3 sides divisible by the encoder's total "
-                             f"stride {stride} and >= box_min {self.cfg.box_min}")
+        patch = check_stride_divisible("VolumeFusion", patch_size, self.network.encoder.total_stride)
+        if min(patch) < self.cfg.box_min:
+            raise ValueError(f"VolumeFusion: patch size {patch} must be >= box_min {self.cfg.box_min} per side")
 
     def box_range(self, side: int) -> tuple[int, int]:
         """Smallest and largest box side (voxels) for a patch side of ``side`` voxels."""

@@ -25,7 +25,7 @@ import pickle
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -158,14 +158,22 @@ def _as_list(v: Any, n: int | None = None) -> list:
 
 
 # --------------------------------------------------------------------------- key mapping
-def _strip(key: str) -> str:
+def peel_prefixes(key: str, prefixes: Sequence[str]) -> tuple[str, list[str]]:
+    """``(key without any of prefixes at its front, the prefixes removed in order)``: removed
+    repeatedly, in any order (``module._orig_mod.x`` and ``_orig_mod.module.x`` both give ``x``)."""
+    peeled = []
     changed = True
     while changed:
         changed = False
-        for p in _PREFIXES:
+        for p in prefixes:
             if key.startswith(p):
                 key, changed = key[len(p):], True
-    return key
+                peeled.append(p)
+    return key, peeled
+
+
+def _strip(key: str) -> str:
+    return peel_prefixes(key, _PREFIXES)[0]
 
 
 def _canonical(key: str) -> tuple[str, bool]:

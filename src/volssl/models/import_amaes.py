@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from volssl.config import ModelConfig, RunConfig, config_to_dict
-from volssl.models.checkpoint_import import ImportReport, load_untrusted
+from volssl.models.checkpoint_import import ImportReport, load_untrusted, peel_prefixes
 from volssl.models.registry import build_model, get_arch, load_architectures
 
 PREFIXES = ("model.", "_orig_mod.", "module.")
@@ -83,13 +83,7 @@ def _part(name: str) -> str:
 
 def strip_prefixes(key: str) -> str:
     """``key`` without leading ``model.`` / ``_orig_mod.`` / ``module.`` (repeatedly, any order)."""
-    changed = True
-    while changed:
-        changed = False
-        for p in PREFIXES:
-            if key.startswith(p):
-                key, changed = key[len(p):], True
-    return key
+    return peel_prefixes(key, PREFIXES)[0]
 
 
 def _n_stages(keys: list[str]) -> int:

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from volssl.config import ModelConfig, RunConfig, config_to_dict
-from volssl.models.checkpoint_import import ImportReport, _plain, load_untrusted
+from volssl.models.checkpoint_import import ImportReport, _plain, load_untrusted, peel_prefixes
 from volssl.models.registry import ArchSpec, build_model, get_arch, load_architectures
 from volssl.models.swinunetr import feature_widths
 
@@ -55,15 +55,7 @@ DEFAULT_PATCH = (96, 96, 96)  # the authors' ROI
 
 
 def _strip(key: str) -> tuple[str, list[str]]:
-    stripped = []
-    changed = True
-    while changed:
-        changed = False
-        for p in _STRIP:
-            if key.startswith(p):
-                key, changed = key[len(p):], True
-                stripped.append(p)
-    return key, stripped
+    return peel_prefixes(key, _STRIP)
 
 
 def map_key(key: str) -> tuple[str | None, str]:

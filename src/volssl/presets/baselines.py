@@ -22,48 +22,46 @@ def _appendix_a_optim() -> OptimConfig:
                        poly_exponent=0.9)
 
 
-@register_preset("models-genesis")
-def models_genesis() -> RunConfig:
+def _appendix_a(description: str, method, patch_size=(160, 160, 160), batch_size: int = 6, num_workers: int = 6,
+                augment: bool = True) -> RunConfig:
+    """Appendix A's shared recipe: ResEncL, SGD (:func:`_appendix_a_optim`), 250k steps in bf16; the
+    method, patches, batch and whole-patch augmentation per baseline."""
     return RunConfig(
-        description="Models Genesis (S3D paper App. A.1): ResEncL, 160^3, batch 6, SGD lr 1e-2 poly, 250k steps; "
-                    "official deformations (flip .4, local shuffle .5, Bezier map .9, painting .9: out .8 / in .2), "
-                    "MSE restoration in per-patch [0, 1]",
-        data=DataConfig(patch_size=(160, 160, 160), batch_size=6, num_workers=6),
+        description=description,
+        data=DataConfig(patch_size=patch_size, batch_size=batch_size, num_workers=num_workers),
         model=ModelConfig(arch="resenc-l"),
-        method=ModelsGenesisConfig(),
+        method=method,
         optim=_appendix_a_optim(),
-        augment=AugmentConfig(enabled=True),
+        augment=AugmentConfig(enabled=augment),
         train=TrainConfig(steps=250_000, precision="bf16"),
     )
+
+
+@register_preset("models-genesis")
+def models_genesis() -> RunConfig:
+    return _appendix_a(
+        "Models Genesis (S3D paper App. A.1): ResEncL, 160^3, batch 6, SGD lr 1e-2 poly, 250k steps; "
+        "official deformations (flip .4, local shuffle .5, Bezier map .9, painting .9: out .8 / in .2), "
+        "MSE restoration in per-patch [0, 1]",
+        ModelsGenesisConfig())
 
 
 @register_preset("volume-fusion")
 def volume_fusion() -> RunConfig:
-    return RunConfig(
-        description="VolumeFusion (S3D paper App. A.2): ResEncL, 160^3, batch 6, SGD lr 1e-2 poly, 250k steps; "
-                    "K=5 levels, 10-40 boxes of 8..100 voxels (62.5% of the patch), Dice + CE",
-        data=DataConfig(patch_size=(160, 160, 160), batch_size=6, num_workers=6),
-        model=ModelConfig(arch="resenc-l"),
-        method=VolumeFusionConfig(levels=5, boxes=(10, 40), box_min=8, box_max_fraction=0.625),
-        optim=_appendix_a_optim(),
-        augment=AugmentConfig(enabled=True),
-        train=TrainConfig(steps=250_000, precision="bf16"),
-    )
+    return _appendix_a(
+        "VolumeFusion (S3D paper App. A.2): ResEncL, 160^3, batch 6, SGD lr 1e-2 poly, 250k steps; "
+        "K=5 levels, 10-40 boxes of 8..100 voxels (62.5% of the patch), Dice + CE",
+        VolumeFusionConfig(levels=5, boxes=(10, 40), box_min=8, box_max_fraction=0.625))
 
 
 @register_preset("voco")
 def voco() -> RunConfig:
-    return RunConfig(
-        description="VoCo (S3D paper App. A.3): ResEncL encoder, 192x192x64 patches = 3x3x1 base crops of 64^3, "
-                    "5 random crops, batch 12, SGD lr 1e-2 poly, 250k steps, momentum teacher (official code); "
-                    "crops augmented independently (flips, rot90), no whole-patch augmentation",
-        data=DataConfig(patch_size=(192, 192, 64), batch_size=12, num_workers=8),
-        model=ModelConfig(arch="resenc-l"),
-        method=VoCoConfig(grid=(3, 3, 1), random_crops=5, teacher=True, momentum=0.9),
-        optim=_appendix_a_optim(),
-        augment=AugmentConfig(enabled=False),
-        train=TrainConfig(steps=250_000, precision="bf16"),
-    )
+    return _appendix_a(
+        "VoCo (S3D paper App. A.3): ResEncL encoder, 192x192x64 patches = 3x3x1 base crops of 64^3, "
+        "5 random crops, batch 12, SGD lr 1e-2 poly, 250k steps, momentum teacher (official code); "
+        "crops augmented independently (flips, rot90), no whole-patch augmentation",
+        VoCoConfig(grid=(3, 3, 1), random_crops=5, teacher=True, momentum=0.9),
+        patch_size=(192, 192, 64), batch_size=12, num_workers=8, augment=False)
 
 
 @register_preset("models-genesis-tiny")
