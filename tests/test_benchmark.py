@@ -58,3 +58,13 @@ def test_quick_benchmark_runs_resumes_and_reports(tmp_path):
     assert metrics.stat().st_mtime_ns == stamp
     assert [c["dice"] for c in again["cells"]] == [c["dice"] for c in cells]
     assert set(ARMS) >= {"s3d", "no-fixed", "no-dyn", "amaes-unet", "swinunetr-ssl", "mae-xnt", "voco"}
+
+
+def test_a_failing_cell_is_reported_not_raised(tmp_path):
+    from volssl.benchmark import safe_cell
+
+    job = {"method": "s3d", "dataset_name": "d", "n_train": 2, "seed": 0, "run": str(tmp_path / "cell"),
+           "checkpoint": None, "dataset": str(tmp_path / "missing"), "recipe": "scratch-tiny", "overrides": [],
+           "test_images": str(tmp_path), "test_labels": str(tmp_path)}
+    r = safe_cell(job)
+    assert "error" in r and "missing" in r["error"] and r["method"] == "s3d"

@@ -192,6 +192,21 @@ def run_cell(job: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def safe_cell(job: dict[str, Any]) -> dict[str, Any]:
+    """:func:`run_cell`, but a failing cell is reported (``"error"``) instead of stopping the benchmark;
+    rerunning the benchmark retries it (it has no metrics.json)."""
+    import traceback
+
+    try:
+        return run_cell(job)
+    except Exception as e:  # noqa: BLE001 - one broken cell must not cost the others
+        tb = traceback.extract_tb(e.__traceback__)
+        where = f" at {Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else ""
+        return {"method": job["method"], "dataset": job["dataset_name"], "n_train": job["n_train"],
+                "seed": job["seed"], "run": job["run"], "error": f"{type(e).__name__}: {e}{where}",
+                "generalisation": [], "seconds": None}
+
+
 def _means(metrics: Path) -> dict[str, float | None]:
     """The headline scores of a metrics.json: Dice and NSD, or the instance metrics of an instance run."""
     mean = json.loads(metrics.read_text())["mean"]
@@ -322,24 +337,26 @@ def run_benchmark(out: str | Path, methods: Sequence[str], datasets: Sequence[st
     results = []
     if workers <= 1:
         for job in jobs:
-            results.append(_done(run_cell(job)))
+            results.append(_done(safe_cell(job)))
     else:
         ctx = __import__("multiprocessing").get_context("spawn")
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            for r in pool.map(run_cell, jobs):
+            for r in pool.map(safe_cell, jobs):
                 results.append(_done(r))
+    failed = [r for r in results if "error" in r]
 
     # 4. report ---------------------------------------------------------------------------------------
     summary = {"scale": dataclasses.asdict(sc), "methods": {a.name: dataclasses.asdict(a) for a in arms},
                "datasets": {k: {"raw": str(v["raw"]), "domain": v["domain"], "task": v["task"]}
                             for k, v in data.items()},
                "checkpoints": {f"{a}@{d}": c for (a, d), c in checkpoints.items()},
-               "cells": results, "seconds": round(time.time() - t0, 1)}
+               "cells": results, "failed": len(failed), "seconds": round(time.time() - t0, 1)}
     if report:
         make_report([out / "finetune"], out / "report")
         summary["report"] = str(out / "report" / "report.md")
     write_json_atomic(out / "benchmark.json", summary)
-    _say(f"done in {summary['seconds']} s; report: {summary.get('report')}")
+    _say(f"done in {summary['seconds']} s; {len(failed)} of {len(results)} cells failed; report: "
+         f"{summary.get('report')}")
     return summary
 
 
@@ -353,6 +370,9 @@ def _fmt(scores: dict[str, Any]) -> str:
 
 
 def _done(r: dict[str, Any]) -> dict[str, Any]:
+    if "error" in r:
+        _say(f"  {r['dataset']}/{Path(r['run']).name:<34} FAILED: {r['error']} (rerun to retry)")
+        return r
     gen = "".join(f"; {g['dataset']} {_fmt(g)}" for g in r["generalisation"])
     _say(f"  {r['dataset']}/{Path(r['run']).name:<34} {_fmt(r)}{gen} ({r['seconds']} s)")
     return r
