@@ -53,6 +53,7 @@ class Arm:
     arch: str | None = None  # from scratch: the architecture (real scale; the tiny scale uses its sibling)
     finetune_overrides: tuple[str, ...] = ()
     min_patch: int | None = None  # smallest patch side the architecture trains on (tiny scales raise theirs to it)
+    own_pretrain_patch: bool = False  # pre-train on the preset's patch (VoCo: a grid of base crops), not the scale's
 
 
 ARMS: dict[str, Arm] = {a.name: a for a in (
@@ -61,7 +62,7 @@ ARMS: dict[str, Arm] = {a.name: a for a in (
     Arm("no-dyn", "No (Dyn.): ResEnc from scratch, nnU-Net-style dynamic plan", "scratch-dynamic", plan="dynamic"),
     Arm("models-genesis", "Models Genesis (ResEnc)", "s3d", preset="models-genesis"),
     Arm("volume-fusion", "VolumeFusion (ResEnc)", "s3d", preset="volume-fusion"),
-    Arm("voco", "VoCo (ResEnc encoder)", "s3d-encoder", preset="voco"),
+    Arm("voco", "VoCo (ResEnc encoder)", "s3d-encoder", preset="voco", own_pretrain_patch=True),
     Arm("amaes-unet", "AMAES (U-Net B)", "amaes", preset="amaes-unet-b", plan="amaes"),
     Arm("amaes-unet-no-intensity", "AMAES without intensity augmentation (U-Net B)", "amaes",
         preset="amaes-unet-b-no-intensity", plan="amaes"),
@@ -296,16 +297,23 @@ def run_benchmark(out: str | Path, methods: Sequence[str], datasets: Sequence[st
 
     # 1. pre-training, once per (arm, domain) --------------------------------------------------------
     checkpoints: dict[tuple[str, str], str | None] = {}
+    broken: dict[tuple[str, str], str] = {}
     for arm in arms:
         for domain in sorted({data[d]["domain"] for d in datasets}):
-            checkpoints[(arm.name, domain)] = (None if arm.preset is None else
-                                               _pretrain(arm, domain, out, sc, seed, unlabeled))
+            try:
+                checkpoints[(arm.name, domain)] = (None if arm.preset is None else
+                                                   _pretrain(arm, domain, out, sc, seed, unlabeled))
+            except (RuntimeError, ValueError, KeyError, FileNotFoundError) as e:  # the other arms go on
+                broken[(arm.name, domain)] = f"pre-training failed: {type(e).__name__}: {e}"
+                _say(f"  {arm.name}@{domain}: {broken[(arm.name, domain)]} (rerun to retry)")
 
     # 2./3. cells -----------------------------------------------------------------------------------
     jobs = []
     for d in datasets:
         info = data[d]
         for arm in arms:
+            if (arm.name, info["domain"]) in broken:
+                continue
             ckpt = checkpoints[(arm.name, info["domain"])]
             plan = _plan(arm, sc, ckpt)
             pre = _prepare_labeled(info["raw"], plan, out / "labeled" / d / plan["name"])
@@ -350,7 +358,8 @@ def run_benchmark(out: str | Path, methods: Sequence[str], datasets: Sequence[st
                "datasets": {k: {"raw": str(v["raw"]), "domain": v["domain"], "task": v["task"]}
                             for k, v in data.items()},
                "checkpoints": {f"{a}@{d}": c for (a, d), c in checkpoints.items()},
-               "cells": results, "failed": len(failed), "seconds": round(time.time() - t0, 1)}
+               "cells": results, "failed": len(failed), "seconds": round(time.time() - t0, 1),
+               "pretraining_failed": {f"{a}@{d}": why for (a, d), why in broken.items()}}
     if report:
         make_report([out / "finetune"], out / "report")
         summary["report"] = str(out / "report" / "report.md")
@@ -449,7 +458,7 @@ def _pretrain(arm: Arm, domain: str, out: Path, sc: BenchScale, seed: int, unlab
         every = max(sc.pretrain_steps // 4, 1)
         overrides += [f"train.steps={sc.pretrain_steps}", f"train.preview_every={every}",
                       f"train.checkpoint_every={every}"]
-    if sc.patch:
+    if sc.patch and not arm.own_pretrain_patch:
         side = max(sc.patch, arm.min_patch or 0)
         overrides.append(f"data.patch_size={side},{side},{side}")
     cfg = resolve(_tiny(arm.preset, sc), overrides)
