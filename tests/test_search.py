@@ -50,4 +50,7 @@ def test_tiny_search_runs_and_resumes(tmp_path):
     again = run_search(space, 2, **kw)  # resume: the study already has 2 completed trials
     assert again["n_complete"] == 2
     assert len(list(csv.DictReader(open(tmp_path / "s" / "trials.csv")))) == 2
+    more = run_search(space, 3, **kw)  # resume with a larger budget: a new parameter set, not a repeat
+    done = [r for r in csv.DictReader(open(tmp_path / "s" / "trials.csv")) if r["state"] == "COMPLETE"]
+    assert more["n_complete"] == 3 and len({(r["lr"], r["steps"]) for r in done}) == 3
     assert (tmp_path / "s" / "search.png").stat().st_size > 0 and "Best" in (tmp_path / "s" / "search.md").read_text()

@@ -17,6 +17,11 @@ the number of completed trials the study should reach.
 Outputs: ``OUT/trials.csv`` (one row per trial: state, value, parameters, threshold, run),
 ``OUT/best.json`` (best value, parameters and the recipe overrides reproducing it),
 ``OUT/search.md`` and ``OUT/search.png`` (score per trial, and per value of each parameter).
+
+Each trial draws from a random stream seeded by ``(seed, number of trials so far)``, so a resumed study
+continues with new draws instead of repeating the first ones; processes working on one study in
+parallel should be given different ``--seed`` values. A draw equal to an already evaluated parameter
+set is pruned (not run again), and the search stops early once every set of the space is evaluated.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,8 +221,14 @@ def run_search(space: str | SearchSpace, trials: int, checkpoint: str | None, da
             study.enqueue_trial(t.params)
             queued.add(trial_key(t.params))
 
+    def completed_keys() -> set[str]:
+        return {trial_key(t.params) for t in study.get_trials(deepcopy=False)
+                if t.state == optuna.trial.TrialState.COMPLETE}
+
     def objective(trial: optuna.Trial) -> float:
         params = {k: trial.suggest_categorical(k, list(v)) for k, v in sp.params.items()}
+        if trial_key(params) in completed_keys():  # drawn again: no new information, draw anew
+            raise optuna.TrialPruned("these parameters were already evaluated")
         try:
             result = run_trial(sp, params, checkpoint, dataset, out, steps_per_hour, seed, n_train, overrides,
                                device)
@@ -236,7 +248,14 @@ def run_search(space: str | SearchSpace, trials: int, checkpoint: str | None, da
     bar = tqdm(total=trials, initial=min(n_complete(), trials), desc=f"search {sp.name}", unit="trial",
                disable=not progress)
     failures = 0
+    n_space = math.prod(len(v) for v in sp.params.values())
     while n_complete() < trials:
+        if len(completed_keys()) >= n_space:
+            print(f"volssl search: all {n_space} parameter sets of {sp.name!r} are evaluated", file=sys.stderr)
+            break
+        # a fresh random stream per trial: a resumed or parallel process continues instead of repeating
+        # the draws of the first trials (reproducible for a given seed and study history)
+        study.sampler = optuna.samplers.RandomSampler(seed=seed * 1_000_003 + len(study.trials))
         study.optimize(objective, n_trials=1, catch=(RuntimeError, ValueError, FloatingPointError))
         last = study.get_trials(deepcopy=False)[-1]
         failures = failures + 1 if last.state == optuna.trial.TrialState.FAIL else 0
