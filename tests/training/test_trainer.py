@@ -183,10 +183,11 @@ def test_step_seeds_differ_per_step_and_stream():
 def test_first_ctrl_c_finishes_the_step_and_saves(tmp_path):
     cfg = tiny_config(STEPS)
     interrupting = _signal_at(make_batches(cfg.data.batch_size, cfg.data.patch_size), 2, sig=signal.SIGINT)
+    before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN in a background job
     summary, _ = run(tmp_path, batches=interrupting)
     assert (summary["status"], summary["signal"], summary["step"]) == ("stopped", "SIGINT", 3)
     assert load_checkpoint(tmp_path / "checkpoints" / "latest.pt")["step"] == 3
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGINT) is before  # handlers restored
 
 
 def test_validation_loss_drives_the_best_checkpoint(tmp_path):
