@@ -54,3 +54,17 @@ def test_tiny_search_runs_and_resumes(tmp_path):
     done = [r for r in csv.DictReader(open(tmp_path / "s" / "trials.csv")) if r["state"] == "COMPLETE"]
     assert more["n_complete"] == 3 and len({(r["lr"], r["steps"]) for r in done}) == 3
     assert (tmp_path / "s" / "search.png").stat().st_size > 0 and "Best" in (tmp_path / "s" / "search.md").read_text()
+
+
+@pytest.mark.slow
+def test_instance_space_scores_the_best_threshold(tmp_path):
+    from volssl.data.phantoms import generate_phantoms
+
+    raw = generate_phantoms(tmp_path / "raw", "axons", n=5, n_test=1, seed=0, shape=(40, 40, 40), progress=False)
+    space = SearchSpace("t", "test", "scratch-mae-xnt-axons-tiny", {"lr": (1e-3,), "steps": (2,)}, metric="xpress",
+                        thresholds=(0.5, 0.6))
+    best = run_search(space, 1, None, str(raw), tmp_path / "s", n_train=2, progress=False, device="cpu",
+                      overrides=["patch_size=32,32,32", "num_workers=0", "train.val_every=0", "plan=xnt"])
+    trial = json.loads(next((tmp_path / "s" / "trials").glob("*/trial.json")).read_text())
+    assert best["threshold"] in (0.5, 0.6) and set(trial["per_threshold"]) == {"0.5", "0.6"}
+    assert best["value"] == pytest.approx(max(v["xpress"] for v in trial["per_threshold"].values()))
