@@ -102,10 +102,6 @@ def affinity_suffix(path: str | os.PathLike) -> str | None:
     return None
 
 
-def _strip(name: str, suffix: str) -> str:
-    return name[: -len(suffix)]
-
-
 class ReversedAxes:
     """Array-like view of a Zarr array stored ``(..., Z, Y, X)`` as ``(..., X, Y, Z)``: indexing with
     slices in volssl order reads / writes the matching stored region (leading axes, e.g. channels,
@@ -220,6 +216,8 @@ def _replace_dir(tmp: Path, path: Path) -> None:
 
 
 def _affinity_cases(src: Path) -> list[tuple[str, Path]]:
+    from volssl.evaluation.instance_evaluate import strip_suffix
+
     if src.is_dir() and affinity_suffix(src) is None:
         files = [f for f in sorted(src.iterdir()) if not f.name.startswith(".") and affinity_suffix(f)]
         if not files:
@@ -228,7 +226,7 @@ def _affinity_cases(src: Path) -> list[tuple[str, Path]]:
         files = [src]
     else:
         raise FileNotFoundError(f"{src}: not found")
-    return [(_strip(f.name, affinity_suffix(f)), f) for f in files]
+    return [(strip_suffix(f.name, affinity_suffix(f)), f) for f in files]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,13 +5,14 @@ or ``.npy``, skeletonises the references for ERL when asked, and writes per-case
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from volssl.evaluation.evaluate import _nan_to_none, _nanmean
 
 
 def strip_suffix(name: str, suffix: str) -> str:
@@ -139,7 +140,7 @@ def evaluate_instances_folder(seg_dir: str | os.PathLike, gt_dir: str | os.PathL
             errors.append({"case": case, "error": str(e)})
             print(f"volssl evaluate-instances: warning: case {case} not scored: {e}", file=sys.stderr)
     keys = [k for k in (cases[0] if cases else {}) if k != "case"]
-    mean = {k: _nanmean([c[k] for c in cases]) for k in keys}
+    mean = {k: _nanmean(np.array([float(c[k]) for c in cases], dtype=np.float64)) for k in keys}
     result = {
         "cases": _nan_to_none(cases), "mean": _nan_to_none(mean), "n_cases": len(cases), "missing": missing,
         "unmatched_predictions": sorted(set(segs) - set(gts)), "errors": errors,
@@ -157,19 +158,3 @@ def evaluate_instances_folder(seg_dir: str | os.PathLike, gt_dir: str | os.PathL
             print(f"volssl evaluate-instances: warning: no segmentation for case {case}", file=sys.stderr)
         print(f"wrote {out}")
     return result
-
-
-def _nanmean(values: list[Any]) -> float:
-    arr = np.array([float(v) for v in values], dtype=np.float64)
-    arr = arr[~np.isnan(arr)]
-    return float(arr.mean()) if arr.size else math.nan
-
-
-def _nan_to_none(obj: Any) -> Any:
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _nan_to_none(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_nan_to_none(v) for v in obj]
-    return obj
