@@ -732,6 +732,17 @@ def _ellipsoid_box(center: np.ndarray, semi: np.ndarray, frame: np.ndarray, shap
     return box, np.sqrt(loc[0] ** 2 + loc[1] ** 2 + loc[2] ** 2)
 
 
+def _xnt_acquisition(rng: np.random.Generator, img: np.ndarray, blur: float, rings: float,
+                     noise: tuple[float, float]) -> np.ndarray:
+    """X-ray nanotomography acquisition of a tissue image (arbitrary units): point-spread blur
+    (``blur`` voxels), ring artifacts of amplitude ``rings``, Gaussian noise with a std drawn in
+    ``noise``, then a random grey-value offset and gain, quantised to integers."""
+    img = ndimage.gaussian_filter(img, blur)
+    img += _ring_artifacts(rng, img.shape, rings)
+    img += rng.uniform(*noise) * rng.standard_normal(img.shape, dtype=np.float32)
+    return _quantise(rng.uniform(900, 1100) + rng.uniform(160, 220) * img)
+
+
 def _xnt_affine(shape: tuple[int, ...], spacing: float = 1.0) -> np.ndarray:
     affine = np.diag([spacing, spacing, spacing, 1.0])
     affine[:3, 3] = -(np.array(shape) - 1) / 2 * spacing
@@ -814,10 +825,7 @@ def nuclei_case(rng: np.random.Generator, shape: tuple[int, int, int] | None = N
         img[lumen] = 2.2
         del grid, dist
     # acquisition: point-spread blur, ring artifacts, noise
-    img = ndimage.gaussian_filter(img, 0.6)
-    img += _ring_artifacts(rng, shape, 0.35)
-    img += rng.uniform(0.2, 0.35) * rng.standard_normal(shape, dtype=np.float32)
-    img = _quantise(rng.uniform(900, 1100) + rng.uniform(160, 220) * img)
+    img = _xnt_acquisition(rng, img, blur=0.6, rings=0.35, noise=(0.2, 0.35))
     return PhantomCase(
         images=img[None],
         label=label,
@@ -960,10 +968,7 @@ def axons_case(rng: np.random.Generator, shape: tuple[int, int, int] | None = No
     img[sheath] = -2.8 + 0.3 * img[sheath]
     organelles = ndimage.gaussian_filter((rng.random(shape) < 0.0015).astype(np.float32), 0.9)
     img -= 1.8 * (organelles > 0.03)
-    img = ndimage.gaussian_filter(img, 0.7)
-    img += _ring_artifacts(rng, shape, 0.3)
-    img += rng.uniform(0.25, 0.45) * rng.standard_normal(shape, dtype=np.float32)
-    img = _quantise(rng.uniform(900, 1100) + rng.uniform(160, 220) * img)
+    img = _xnt_acquisition(rng, img, blur=0.7, rings=0.3, noise=(0.25, 0.45))
     return PhantomCase(
         images=img[None],
         label=out,
