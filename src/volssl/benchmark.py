@@ -196,15 +196,13 @@ def run_cell(job: dict[str, Any]) -> dict[str, Any]:
 def safe_cell(job: dict[str, Any]) -> dict[str, Any]:
     """:func:`run_cell`, but a failing cell is reported (``"error"``) instead of stopping the benchmark;
     rerunning the benchmark retries it (it has no metrics.json)."""
-    import traceback
+    from volssl.util.errors import describe_error
 
     try:
         return run_cell(job)
     except Exception as e:  # noqa: BLE001 - one broken cell must not cost the others
-        tb = traceback.extract_tb(e.__traceback__)
-        where = f" at {Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else ""
         return {"method": job["method"], "dataset": job["dataset_name"], "n_train": job["n_train"],
-                "seed": job["seed"], "run": job["run"], "error": f"{type(e).__name__}: {e}{where}",
+                "seed": job["seed"], "run": job["run"], "error": describe_error(e),
                 "generalisation": [], "seconds": None}
 
 
@@ -309,13 +307,17 @@ def run_benchmark(out: str | Path, methods: Sequence[str], datasets: Sequence[st
 
     # 2./3. cells -----------------------------------------------------------------------------------
     jobs = []
+    plans: dict[tuple[str, str], dict[str, Any]] = {}
     for d in datasets:
         info = data[d]
         for arm in arms:
             if (arm.name, info["domain"]) in broken:
                 continue
             ckpt = checkpoints[(arm.name, info["domain"])]
-            plan = _plan(arm, sc, ckpt)
+            key = (arm.name, info["domain"])
+            if key not in plans:  # read each checkpoint once, not once per dataset
+                plans[key] = _plan(arm, sc, ckpt)
+            plan = plans[key]
             pre = _prepare_labeled(info["raw"], plan, out / "labeled" / d / plan["name"])
             recipe = _tiny(arm.recipe, sc)
             overrides = list(arm.finetune_overrides) + list(sc.finetune_overrides)

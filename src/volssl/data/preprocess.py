@@ -28,7 +28,6 @@ import multiprocessing
 import os
 import sys
 import time
-import traceback
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -45,6 +44,7 @@ from volssl.data.quality import Problem, QualityRules, check_case
 from volssl.data.readers import SourceCase, discover, fingerprint, source_axes
 from volssl.data.storage import SUFFIX, save_array
 from volssl.util.atomic import write_json_atomic
+from volssl.util.errors import describe_error
 
 NORMALIZATIONS = ("zscore", "zscore_nonzero", "ct", "none")
 #: the keys of one channel's entry of ``PreprocessPlan.ct_intensities`` (dataset-wide foreground statistics)
@@ -365,9 +365,7 @@ def process_case(
     except MemoryError:
         problem = Problem("error", case.images[0] if case.images else case.id, "out of memory while preprocessing")
     except Exception as e:  # noqa: BLE001 - a bug or an odd file must not stop the run
-        tb = traceback.extract_tb(e.__traceback__)
-        where = f" at {Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else ""
-        problem = Problem("error", case.images[0] if case.images else case.id, f"{type(e).__name__}: {e}{where}")
+        problem = Problem("error", case.images[0] if case.images else case.id, describe_error(e))
     return _excluded(case, checksum, [problem], out)
 
 

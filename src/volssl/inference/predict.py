@@ -33,7 +33,6 @@ import os
 import re
 import sys
 import time
-import traceback
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -49,6 +48,7 @@ from volssl.data.quality import QualityRules, check_case
 from volssl.data.readers import NIBABEL_SUFFIXES, SourceCase, discover, sanitize_id, source_axes, volume_suffix
 from volssl.inference.sliding_window import sliding_window_predict
 from volssl.util.atomic import atomic_path, write_json_atomic
+from volssl.util.errors import describe_error
 
 CHECKPOINT_NAMES = ("final.pt", "best.pt", "latest.pt")
 # structural rules only: a small, thick-sliced or small-FOV scan is still predicted
@@ -497,9 +497,7 @@ def predict_folder(
             if isinstance(e, MemoryError):
                 reason = "out of memory while predicting"
             else:
-                tb = traceback.extract_tb(e.__traceback__)
-                where = f" at {Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else ""
-                reason = f"{type(e).__name__}: {e}{where}"
+                reason = describe_error(e)
             result = {"case": case.id, "files": list(case.images), "path": path,
                       "reason": f"{Path(path).name}: {reason}"}
         (failed if "reason" in result else predicted).append(result)
