@@ -31,6 +31,9 @@ class DataConfig:
     channel_mode: str = "single"  # "single": one random channel per patch (S3D); "all": stacked channels
     symmetries: bool = False  # one of the 48 cube symmetries (axis permutation x flips) per patch (MAE-XNT)
     crop_zscore: bool = False  # z-score every patch on its own (MAE-XNT); raw TIFF/Zarr crops always are
+    # statistics of the raw TIFF/Zarr crops' z-score: "crop" (each crop's own, MAE-XNT paper) or "volume"
+    # (the volume's mean/std, public MAE_XNT code; estimated from <= 2^24 voxels, see data/volume_crops.py)
+    crop_norm: str = "crop"
 
 
 @dataclass
@@ -101,6 +104,8 @@ class TrainConfig:
     preview_every: int = 1000  # steps between slice PNGs
     checkpoint_every: int = 1000  # steps between 'latest' checkpoints
     val_every: int = 0  # steps between validation losses for 'best'; 0: best = lowest smoothed train loss
+    probe_dataset: str = ""  # labelled dataset (raw nnU-Net or preprocessed) of the representation probe; "": none
+    probe_every: int = 0  # steps between probes (training/probe.py); 0 with a probe_dataset: train.steps // 10
 
 
 @dataclass

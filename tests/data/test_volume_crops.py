@@ -16,7 +16,7 @@ from volssl.data.cube_symmetries import invert_symmetry
 from volssl.data.patches import make_loader, zscore_crop
 from volssl.data.readers import VolumeError
 from volssl.data.volume_crops import (
-    VolumeCropSampler, discover_volumes, inspect_volume, open_volume, read_crop, volume_plan,
+    VolumeCropSampler, discover_volumes, inspect_volume, open_volume, read_crop, volume_plan, volume_stats,
 )
 
 ZYX = (40, 36, 48)  # stored (z, y, x) shape: the volume is (X, Y, Z) = (48, 36, 40)
@@ -125,6 +125,81 @@ def test_per_crop_zscore(vols):
     assert out is not src and src[0, 0, 0, 1] == 1  # not in place unless asked
     with pytest.raises(ValueError, match="inplace"):
         zscore_crop(np.zeros((1, 2, 2, 2), np.uint8), inplace=True)
+
+
+def _affine_of(item, full):
+    """``(mean, std)`` with ``image = (window - mean) / std`` for a crop without symmetry (least squares)."""
+    o = item["origin"].numpy()
+    size = item["image"].shape[1:]
+    window = full[o[0]:o[0] + size[0], o[1]:o[1] + size[1], o[2]:o[2] + size[2]].astype(np.float64).ravel()
+    image = item["image"][0].numpy().astype(np.float64).ravel()
+    slope, intercept = np.polyfit(window, image, 1)  # image = slope * window + intercept
+    np.testing.assert_allclose(image, slope * window + intercept, atol=1e-4)  # an affine map of the window
+    return -intercept / slope, 1.0 / slope
+
+
+@pytest.mark.parametrize("kind", ["zarr", "tiff-raw", "b2nd"])
+def test_volume_norm_gives_every_crop_the_volume_statistics(vols, kind):
+    """crop_norm="volume" (public MAE_XNT): every crop of a volume is (x - mean) / std with the whole
+    volume's numpy mean / std; crop_norm="crop" (the default) is unchanged."""
+    a, paths = vols
+    full = a.transpose(2, 1, 0)
+    s = VolumeCropSampler([paths[kind]], 16, seed=0, crop_norm="volume")
+    affines = [_affine_of(s[k], full) for k in range(3)]
+    for mean, std in affines:
+        assert mean == pytest.approx(float(a.mean(dtype=np.float64)), rel=1e-4)
+        assert std == pytest.approx(float(a.std(dtype=np.float64)), rel=1e-4)
+    assert s.volume_stats(0) == pytest.approx((a.mean(dtype=np.float64), a.std(dtype=np.float64)), rel=1e-9)
+    means = [float(s[k]["image"].mean()) for k in range(6)]
+    assert max(abs(m) for m in means) > 1e-4  # unlike per-crop z-scores, crop means are not all 0
+    # the cache travels with a pickled sampler (plain numbers) and gives the same crops
+    clone = pickle.loads(pickle.dumps(s))
+    assert clone._stats == s._stats and torch.equal(clone[4]["image"], s[4]["image"])
+    assert s.describe()["crop_norm"] == "volume"
+    # crop mode: the default, each crop z-scored on its own statistics, exactly as before
+    c = VolumeCropSampler([paths[kind]], 16, seed=0, crop_norm="crop")
+    d = VolumeCropSampler([paths[kind]], 16, seed=0)
+    raw = VolumeCropSampler([paths[kind]], 16, seed=0, zscore=False)
+    for k in range(3):
+        assert torch.equal(c[k]["image"], d[k]["image"])
+        assert torch.equal(c[k]["image"], torch.from_numpy(zscore_crop(raw[k]["image"].numpy())))
+    assert c.describe()["crop_norm"] == "crop" and not c._stats  # no volume statistics computed
+    with pytest.raises(ValueError, match="crop_norm"):
+        VolumeCropSampler([paths[kind]], 16, crop_norm="global")
+
+
+def test_volume_statistics_of_a_large_volume_are_a_bounded_estimate(tmp_path):
+    """Above max_voxels the statistics come from a 4^3 grid of windows (64^3 at the default 2^24 budget,
+    19^3 here): at most max_voxels read, close to
+    numpy's values (an intensity ramp along z plus noise), deterministic."""
+    rng = np.random.default_rng(0)
+    zyx = (150, 100, 130)
+    ramp = np.linspace(0, 1000, zyx[0])[:, None, None]
+    a = (ramp + rng.normal(0, 200, zyx)).astype(np.float32)
+    vol = inspect_volume(_write_zarr(tmp_path / "big.zarr", a, chunks=(32, 32, 32)))
+
+    class Counting:
+        def __init__(self, arr):
+            self.arr, self.shape, self.voxels = arr, arr.shape, 0
+
+        def __getitem__(self, key):
+            out = self.arr[key]
+            self.voxels += out.size
+            return out
+
+    counting = Counting(a)
+    mean, std = volume_stats(vol, counting, max_voxels=500_000)
+    assert counting.voxels == 4 ** 3 * 19 ** 3 <= 500_000 < a.size  # 64 windows of 19^3 (64 w^3 <= budget)
+    assert mean == pytest.approx(float(a.mean(dtype=np.float64)), rel=0.02)
+    assert std == pytest.approx(float(a.std(dtype=np.float64)), rel=0.02)
+    assert volume_stats(vol, open_volume(vol), max_voxels=500_000) == (mean, std)  # deterministic, any reader
+    exact = Counting(a)
+    assert volume_stats(vol, exact) == pytest.approx((a.mean(dtype=np.float64), a.std(dtype=np.float64)), rel=1e-9)
+    assert exact.voxels == a.size  # small enough: read whole (in slabs), exact
+    # a constant volume normalises to zeros, never NaN
+    flat = _write_zarr(tmp_path / "flat.zarr", np.full((16, 16, 16), 9, np.uint8))
+    s = VolumeCropSampler([flat], 8, crop_norm="volume")
+    assert s.volume_stats(0) == (9.0, 0.0) and torch.equal(s[0]["image"], torch.zeros(1, 8, 8, 8))
 
 
 def test_size_proportional_sampling(tmp_path):

@@ -48,7 +48,7 @@ def test_the_masked_count_is_exact_and_the_indices_agree(ratio):
     m = tiny_method(ratio)
     torch.manual_seed(1)
     ids_keep, ids_restore, masked = m.random_masking(5, 4096)
-    n_mask = round(ratio * 4096)
+    n_mask = 4096 - int(4096 * (1 - ratio))  # MAE's len_keep
     assert masked.shape == (5, 4096) and (masked.sum(1) == n_mask).all()
     assert ids_keep.shape == (5, 4096 - n_mask)
     for b in range(5):
@@ -56,8 +56,26 @@ def test_the_masked_count_is_exact_and_the_indices_agree(ratio):
         shuffle = torch.argsort(ids_restore[b])
         assert torch.equal(shuffle[: ids_keep.shape[1]], ids_keep[b])  # ids_restore inverts the shuffle
     assert not torch.equal(masked[0], masked[1])  # per-sample masks
-    with pytest.raises(ValueError, match="no visible token"):
-        tiny_method(0.99).random_masking(1, 8)
+
+
+@pytest.mark.parametrize("ratio, n_tokens, n_keep", [(0.9, 4096, 409), (0.75, 4096, 1024), (0.9, 64, 6),
+                                                     (0.99, 8, 1)])
+def test_the_kept_count_is_maes_len_keep(ratio, n_tokens, n_keep):
+    """int(N (1 - r)) tokens kept, as facebookresearch/mae and MAE_XNT (409 of 4096 at 0.9, not 410), at least 1."""
+    m = tiny_method(ratio)
+    assert m.n_kept(n_tokens) == n_keep and m.n_masked(n_tokens) == n_tokens - n_keep
+    torch.manual_seed(2)
+    ids_keep, ids_restore, masked = m.random_masking(3, n_tokens)
+    assert ids_keep.shape == (3, n_keep) and ids_restore.shape == (3, n_tokens)
+    assert (masked.sum(1) == n_tokens - n_keep).all() and ((1 - masked).sum(1) == n_keep).all()
+    # the loss averages over exactly the N - n_keep tokens not in ids_keep: token n is the constant n / N
+    values = torch.arange(n_tokens, dtype=torch.float32) / n_tokens
+    x = m.unpatchify(values.view(1, n_tokens, 1).expand(3, -1, 4 ** 3), (1, 1, n_tokens))
+    loss = m.forward_loss(x, torch.zeros(3, n_tokens, 4 ** 3), masked)
+    removed = [sorted(set(range(n_tokens)) - set(ids_keep[b].tolist())) for b in range(3)]
+    assert all(len(r) == n_tokens - n_keep for r in removed)
+    expected = torch.stack([values[r].square().mean() for r in removed]).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_noise_is_drawn_for_the_global_batch_and_rows_are_kept():

@@ -180,3 +180,39 @@ def test_not_a_resenc_state_dict_is_refused(tmp_path):
     src = write_nnssl(tmp_path / "primus2.pth", dna_state_dict(1, 1, **SMALL), p)
     with pytest.raises(ValueError, match="'PrimusM' is not a ResEnc U-Net"):
         convert_nnssl(src)
+
+
+@pytest.mark.parametrize("group, key, value, ours", [
+    ("nonlin_kwargs", "negative_slope", 0.2, "0.01"),
+    ("norm_op_kwargs", "eps", 1e-3, "1e-05"),
+    ("norm_op_kwargs", "affine", False, "True"),
+])
+def test_plan_norm_eps_or_leaky_slope_other_than_ours_is_refused(tmp_path, group, key, value, ours):
+    """Our ResEnc fixes InstanceNorm eps 1e-5 (affine) and LeakyReLU slope 0.01: another value in the
+    plan is refused, naming the file, the key and both values (the weights would load but compute
+    another function)."""
+    p = plan(**SMALL)
+    p["architecture_plans"]["arch_kwargs"][group] = {**(p["architecture_plans"]["arch_kwargs"][group] or {}),
+                                                     key: value}
+    src = write_nnssl(tmp_path / "other.pth", dna_state_dict(1, 1, **SMALL), p)
+    with pytest.raises(ValueError) as e:
+        convert_nnssl(src)
+    msg = str(e.value)
+    assert str(src) in msg and f"{group}.{key}" in msg and repr(value) in msg and ours in msg
+
+
+def test_default_plan_values_and_absent_kwargs_are_imported(tmp_path):
+    """The plan nnssl writes (eps 1e-05, affine, inplace LeakyReLU without a slope), explicit defaults,
+    and plans without the kwargs all import (absent values are torch's defaults: ours)."""
+    variants = [
+        {},  # as nnssl writes it
+        {"nonlin_kwargs": {"inplace": True, "negative_slope": 0.01}, "norm_op_kwargs": {"eps": 1e-5, "affine": True}},
+        {"nonlin_kwargs": None, "norm_op_kwargs": None},
+        {"nonlin_kwargs": {}, "norm_op_kwargs": {"affine": True}},
+    ]
+    for i, change in enumerate(variants):
+        p = plan(**SMALL)
+        p["architecture_plans"]["arch_kwargs"].update(change)
+        src = write_nnssl(tmp_path / f"ok{i}.pth", dna_state_dict(1, 1, **SMALL), p)
+        payload, report = convert_nnssl(src)
+        assert tuple(payload["model"]["features"]) == (8, 16, 32) and report.mapped == len(payload["network"]) > 0

@@ -12,6 +12,7 @@ COMMAND_MODULES = [
     "phantoms",  # volssl phantoms
     "preprocess",  # volssl preprocess
     "pretrain",  # volssl pretrain
+    "probe",  # volssl probe
     "finetune",  # volssl finetune, volssl recipes
     "predict",  # volssl predict
     "evaluate",  # volssl evaluate

@@ -175,6 +175,15 @@ def get_plan(name: str) -> PreprocessPlan:
     return PreprocessPlan.from_dict(PLANS[name].to_dict())
 
 
+def labelled_plan(plan: dict[str, Any]) -> PreprocessPlan:
+    """The :class:`PreprocessPlan` of a pre-training plan dict for labelled data (fine-tuning, the
+    probe): the same arrays, only the structural quality rules (no case dropped for FOV/spacing/size)."""
+    fixed = PreprocessPlan.from_dict(plan)
+    fixed.rules = QualityRules(min_fov_mm=None, max_spacing_mm=None, min_file_bytes=None,
+                               affine_atol_mm=fixed.rules.affine_atol_mm)
+    return fixed
+
+
 @dataclass
 class PreprocessSummary:
     """Outcome of one shard's run. Counts are over this shard's cases (finished earlier included)."""

@@ -1,9 +1,12 @@
 """Random crops read straight from large TIFF / Zarr volumes (MAE-XNT's pre-training data path).
 
 MAE-XNT pre-trains on nanotomography volumes far larger than memory (``1024^3`` voxels and up) and
-never preprocesses them: every 64^3 crop is read from the source file, z-scored on its own
-statistics and augmented with one of the 48 cube symmetries; volumes are drawn in proportion to
-their size. :class:`VolumeCropSampler` does exactly that as a map-style dataset whose item ``k`` is
+never preprocesses them: every 64^3 crop is read from the source file, z-scored and augmented
+with one of the 48 cube symmetries; volumes are drawn in proportion to their size. The z-score uses
+the crop's own statistics (``crop_norm="crop"``, the paper's wording and our default) or, as the
+public MAE_XNT code does, the statistics of the whole volume (``crop_norm="volume"``: one mean and
+standard deviation per volume, estimated once per process from a bounded sample, see
+:func:`volume_stats`). :class:`VolumeCropSampler` does exactly that as a map-style dataset whose item ``k`` is
 a pure function of ``(seed, k)``, so it plugs into ``patches.make_loader`` (global batches, resume,
 data parallelism) like ``PatchSampler``.
 
@@ -44,6 +47,12 @@ from volssl.data.readers import (
 
 B2ND_SUFFIX = ".b2nd"
 KINDS = ("zarr", "tiff-raw", "tiff-zarr", "b2nd")
+CROP_NORMS = ("crop", "volume")  # z-score each crop on its own statistics, or on its volume's
+STATS_MAX_VOXELS = 1 << 24  # volume statistics: read whole up to this many voxels (64 MiB of float32)
+STATS_GRID = 4  # ... else from STATS_GRID^3 windows on a regular grid
+STATS_WINDOW = 64  # ... of (at most) STATS_WINDOW^3 voxels each: 4^3 * 64^3 = 2^24 voxels read at most
+# (with a smaller budget max_voxels the window edge shrinks so that the grid reads at most max_voxels)
+_STATS_SLAB_VOXELS = 1 << 22  # exact statistics are accumulated over slabs of at most this many voxels
 _ZARR_MARKERS = ("zarr.json", ".zarray", ".zgroup")
 
 
@@ -383,6 +392,87 @@ def read_crop(volume: CropVolume, array: Any, origin: Sequence[int], size: Seque
 
 
 # ----------------------------------------------------------------------------------------------
+# per-volume intensity statistics (crop_norm="volume")
+
+
+def _stats_windows(shape: Sequence[int], zyx: bool, max_voxels: int) -> list[tuple[list[int], list[int]]]:
+    """The ``(origin, size)`` windows (X, Y, Z voxels) that :func:`volume_stats` reads."""
+    shape = [int(d) for d in shape]
+    if int(np.prod(shape, dtype=np.int64)) <= max_voxels:  # the whole volume, in slabs of the stored first axis
+        axis = 2 if zyx else 0
+        plane = int(np.prod(shape, dtype=np.int64)) // shape[axis]
+        step = max(1, _STATS_SLAB_VOXELS // max(plane, 1))
+        out = []
+        for start in range(0, shape[axis], step):
+            origin, size = [0, 0, 0], list(shape)
+            origin[axis], size[axis] = start, min(step, shape[axis] - start)
+            out.append((origin, size))
+        return out
+    edge = STATS_WINDOW  # the window edge: 64 at the default budget, smaller so that the windows fit max_voxels
+    while edge > 1 and STATS_GRID ** 3 * edge ** 3 > max_voxels:
+        edge -= 1
+    size = [min(d, edge) for d in shape]
+    # one window centred in each of STATS_GRID equal strata per axis (the midpoint rule; clipped to the volume)
+    starts = [sorted({min(max(int(round((k + 0.5) * d / STATS_GRID - w / 2)), 0), d - w) for k in range(STATS_GRID)})
+              for d, w in zip(shape, size)]
+    return [([x, y, z], list(size)) for x in starts[0] for y in starts[1] for z in starts[2]]
+
+
+def volume_stats(volume: CropVolume, array: Any, max_voxels: int = STATS_MAX_VOXELS) -> tuple[float, float]:
+    """Mean and standard deviation (population, ``ddof=0``) of a volume's intensities, read by window.
+
+    A volume of at most ``max_voxels`` voxels is read whole (in slabs of at most 2^22 voxels), so
+    the values are numpy's ``mean()`` / ``std()`` of the array up to float64 rounding. A larger
+    volume is never read whole: the statistics are *estimated* from ``STATS_GRID^3`` = 64 windows of
+    ``min(w, D)`` voxels per axis (``w`` = 64 at the default budget; the largest ``w <= 64`` with
+    ``64 w^3 <= max_voxels`` otherwise) on a regular grid: per axis, one window centred in each of
+    4 equal strata of the axis (centres at ``(k + 1/2) D / 4``) -- at most ``max_voxels`` read,
+    deterministic (no random numbers) and spread over the whole volume (a stratified sample, so a
+    smooth intensity drift across the volume is represented). Values are accumulated in float64
+    with Chan et al.'s pairwise update (no catastrophic cancellation).
+
+    Args:
+        volume: the :class:`CropVolume`.
+        array: its open stored array (:func:`open_volume`).
+        max_voxels: the exact / estimated threshold (and the bound on voxels read), >= 1.
+
+    Returns:
+        ``(mean, std)`` in the stored intensity units (floats; NaN if the volume holds NaN).
+    """
+    if int(max_voxels) < 1:
+        raise ValueError(f"max_voxels must be >= 1, got {max_voxels}")
+    count, mean, m2 = 0, 0.0, 0.0
+    for origin, size in _stats_windows(volume.shape, volume.zyx, int(max_voxels)):
+        block = read_crop(volume, array, origin, size).astype(np.float64)
+        n_b = block.size
+        mean_b = float(block.mean())
+        m2_b = float(np.square(block - mean_b).sum())
+        total = count + n_b
+        delta = mean_b - mean
+        mean += delta * n_b / total
+        m2 += m2_b + delta * delta * count * n_b / total
+        count = total
+    return mean, float(np.sqrt(m2 / count)) if count else 0.0
+
+
+def zscore_with(patch: np.ndarray, mean: float, std: float, eps: float = 1e-8) -> np.ndarray:
+    """Normalise a C-contiguous float32 patch in place as ``(x - mean) / std`` (fixed statistics).
+
+    ``std`` at most ``eps`` (or ``1e-7 * |mean|``, float32 resolution) or not finite: the patch
+    becomes zeros (never NaN), as :func:`~volssl.data.patches.zscore_crop` does for a constant crop.
+    Returns ``patch``.
+    """
+    if patch.dtype != np.float32 or not patch.flags.c_contiguous or not patch.flags.writeable:
+        raise ValueError(f"zscore_with: patch must be a writeable C-contiguous float32 array, got {patch.dtype}")
+    if not (np.isfinite(std) and np.isfinite(mean)) or std <= max(eps, 1e-7 * abs(mean)):
+        patch[...] = 0.0
+    else:
+        patch -= np.float32(mean)
+        patch *= np.float32(1.0 / std)
+    return patch
+
+
+# ----------------------------------------------------------------------------------------------
 # the sampler
 
 
@@ -398,8 +488,10 @@ class VolumeCropSampler(PatchStream):
        ``source_shape(patch_size, symmetry)`` lies inside the volume.
 
     The window is read (only it; see the module docstring), turned ``(X, Y, Z)``, the symmetry
-    applied, converted to float32 and, with ``zscore``, z-scored on its own mean and standard
-    deviation (a constant crop becomes zeros).
+    applied, converted to float32 and, with ``zscore``, z-scored: with ``crop_norm="crop"`` on the
+    crop's own mean and standard deviation (a constant crop becomes zeros); with
+    ``crop_norm="volume"`` on its volume's (:meth:`volume_stats`: computed on the first crop of
+    that volume in each process, then cached), so every crop of one volume gets the same affine map.
 
     Args:
         volumes: a folder or a single volume (see :func:`discover_volumes`), or a sequence of volume
@@ -409,6 +501,8 @@ class VolumeCropSampler(PatchStream):
         sampling: "size" (proportional to X*Y*Z) or "uniform" over volumes.
         symmetries: apply a random cube symmetry to every crop.
         zscore: z-score every crop (True: MAE-XNT; raw volumes carry no normalisation).
+        crop_norm: which statistics ``zscore`` uses: "crop" (each crop's own; the MAE-XNT paper)
+            or "volume" (its volume's mean and std; the public MAE_XNT code). Ignored without ``zscore``.
         max_open: at most this many volumes kept open per process (LRU).
 
     Every volume must hold the crop: ``(X, Y, Z) >= patch_size`` (with ``symmetries``, for every axis
@@ -428,6 +522,7 @@ class VolumeCropSampler(PatchStream):
         symmetries: bool = False,
         zscore: bool = True,
         max_open: int = 16,
+        crop_norm: str = "crop",
     ) -> None:
         self.patch_size = _patch_size(patch_size)
         if isinstance(seed, bool) or int(seed) < 0:
@@ -438,6 +533,10 @@ class VolumeCropSampler(PatchStream):
         self.sampling = sampling
         self.symmetries = bool(symmetries)
         self.zscore = bool(zscore)
+        if crop_norm not in CROP_NORMS:
+            raise ValueError(f"crop_norm must be one of {CROP_NORMS}, got {crop_norm!r}")
+        self.crop_norm = crop_norm
+        self._stats: dict[int, tuple[float, float]] = {}  # volume -> (mean, std); plain numbers, pickled along
         if int(max_open) < 1:
             raise ValueError(f"max_open must be >= 1, got {max_open}")
         self.max_open = int(max_open)
@@ -480,6 +579,12 @@ class VolumeCropSampler(PatchStream):
         """The (per-process, cached) open stored array of volume ``i``."""
         return self._arrays.get(i, lambda: open_volume(self.volumes[i]))
 
+    def volume_stats(self, i: int) -> tuple[float, float]:
+        """``(mean, std)`` of volume ``i`` (:func:`volume_stats`), computed once and cached."""
+        if i not in self._stats:
+            self._stats[i] = volume_stats(self.volumes[i], self.array(i))
+        return self._stats[i]
+
     def draw(self, index: int) -> dict[str, Any]:
         """The random choices of item ``index`` without reading voxels: ``volume`` (its position in
         :attr:`volumes`), ``symmetry``, ``window`` (X, Y, Z size read) and ``origin`` (X, Y, Z)."""
@@ -511,7 +616,9 @@ class VolumeCropSampler(PatchStream):
             crop = apply_symmetry(crop, d["symmetry"])
         patch = np.empty((1, *self.patch_size), dtype=np.float32)
         patch[0] = crop  # the one copy: cast + transpose/flip in a single pass
-        if self.zscore:
+        if self.zscore and self.crop_norm == "volume":
+            zscore_with(patch, *self.volume_stats(d["volume"]))
+        elif self.zscore:
             zscore_crop(patch, inplace=True)
         return {
             "image": torch.from_numpy(patch),
@@ -533,6 +640,7 @@ class VolumeCropSampler(PatchStream):
             "sampling": self.sampling,
             "symmetries": self.symmetries,
             "crop_zscore": self.zscore,
+            "crop_norm": self.crop_norm,
             "volumes": [{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(vol).items()
                          if k in ("name", "path", "kind", "shape", "dtype")} for vol in self.volumes[:max_listed]],
         }
@@ -566,6 +674,6 @@ def volume_plan(sampler: VolumeCropSampler) -> dict[str, Any]:
 
 
 __all__ = [
-    "CropVolume", "RawVolumeArray", "VolumeCropSampler", "discover_volumes", "inspect_volume",
-    "open_volume", "read_crop", "volume_plan",
+    "CROP_NORMS", "CropVolume", "RawVolumeArray", "VolumeCropSampler", "discover_volumes", "inspect_volume",
+    "open_volume", "read_crop", "volume_plan", "volume_stats", "zscore_with",
 ]

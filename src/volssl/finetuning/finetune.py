@@ -151,15 +151,10 @@ def _locked(folder: Path) -> Iterator[None]:
 
 
 def finetune_plan(plan: dict[str, Any]):
-    """The :class:`~volssl.data.preprocess.PreprocessPlan` of a pre-training plan dict for labelled
-    data: the same arrays, only the structural quality rules (no case dropped for FOV/spacing/size)."""
-    from volssl.data.preprocess import PreprocessPlan
-    from volssl.data.quality import QualityRules
+    """The plan for labelled data of a pre-training plan dict (:func:`volssl.data.preprocess.labelled_plan`)."""
+    from volssl.data.preprocess import labelled_plan
 
-    fixed = PreprocessPlan.from_dict(plan)
-    fixed.rules = QualityRules(min_fov_mm=None, max_spacing_mm=None, min_file_bytes=None,
-                               affine_atol_mm=fixed.rules.affine_atol_mm)
-    return fixed
+    return labelled_plan(plan)
 
 
 def check_plan(found: dict[str, Any], wanted: dict[str, Any], where: str) -> None:

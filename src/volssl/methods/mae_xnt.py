@@ -4,8 +4,9 @@ Paper: "MAE-XNT: A Foundation Model for Segmenting Neuronal Tissue Volumes Gener
 Nanotomography" (Sec. 3; supplement Sec. 7, Table 4). :class:`MAEXNTConfig` holds the settings;
 :class:`MAEXNT` is the ``nn.Module`` the trainer optimises (see docs/design.md, "Methods").
 
-Per step: the crop is cut into ``p^3`` patches (tokens); a fixed fraction ``mask_ratio`` of each
-sample's tokens, chosen by ranking uniform noise, is removed; the ViT encoder sees only the visible
+Per step: the crop is cut into ``p^3`` patches (tokens); of each sample's ``N`` tokens, ranked by
+uniform noise, the ``int(N * (1 - mask_ratio))`` lowest are kept (the public MAE and MAE_XNT count:
+409 of 4096 at 0.9) and the rest removed; the ViT encoder sees only the visible
 tokens (with their fixed 3D sin-cos positions); a light transformer decoder (linear projection,
 learnable mask token at every removed position, its own fixed positions, ``decoder_depth`` blocks,
 LayerNorm, linear head to ``p^3 C`` voxels) predicts every patch; the loss is the squared error on
@@ -34,7 +35,7 @@ class MAEXNTConfig(MethodConfig):
     """MAE-XNT settings (public code defaults: decoder 2 blocks of width 768 with 12 heads)."""
 
     name: str = "mae-xnt"
-    mask_ratio: float = 0.9  # fraction of tokens removed per sample (Table 4: 0.75 .. 0.90)
+    mask_ratio: float = 0.9  # fraction removed: int(N (1 - r)) tokens kept per sample (Table 4: 0.75 .. 0.90)
     decoder_dim: int = 768  # width of the MAE decoder (a multiple of 6 and of decoder_heads)
     decoder_depth: int = 2  # transformer blocks of the MAE decoder
     decoder_heads: int = 12
@@ -134,12 +135,19 @@ class MAEXNT(nn.Module):
         x = patches.reshape(b, gx, gy, gz, p, p, p, c).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.reshape(b, c, gx * p, gy * p, gz * p)
 
+    def n_kept(self, n_tokens: int) -> int:
+        """Tokens kept (visible) per sample: ``int(N * (1 - mask_ratio))``, at least one.
+
+        The expression of facebookresearch/mae and xni-esrf/MAE_XNT (``len_keep``), floating point
+        included: ``int(4096 * (1 - 0.9)) == int(409.599...) == 409`` visible of 4096 tokens at 0.9.
+        """
+        if n_tokens < 1:
+            raise ValueError(f"MAE-XNT: n_tokens must be >= 1, got {n_tokens}")
+        return max(1, int(n_tokens * (1 - self.cfg.mask_ratio)))
+
     def n_masked(self, n_tokens: int) -> int:
-        """Tokens removed per sample: ``round(mask_ratio * N)``, leaving at least one visible."""
-        n = int(round(self.cfg.mask_ratio * n_tokens))
-        if n >= n_tokens:
-            raise ValueError(f"MAE-XNT: mask_ratio {self.cfg.mask_ratio} leaves no visible token of {n_tokens}")
-        return n
+        """Tokens removed per sample: ``N - n_kept(N)`` (3687 of 4096 at mask_ratio 0.9)."""
+        return n_tokens - self.n_kept(n_tokens)
 
     def random_masking(self, batch: int, n_tokens: int, device: torch.device | str | None = None,
                        sample_offset: int = 0, global_batch: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -152,18 +160,18 @@ class MAEXNT(nn.Module):
             ``ids_keep`` ``(B, N - M)`` int64, the visible tokens in ascending order of their noise;
             ``ids_restore`` ``(B, N)`` int64, the position of each token in the shuffled order
             (visible first); ``masked`` ``(B, N)`` float32, 1 where a token is removed
-            (``M = round(mask_ratio N)`` per row).
+            (``M = N - int(N (1 - mask_ratio))`` per row, see :meth:`n_kept`).
         """
         g = batch if global_batch is None else int(global_batch)
         o = int(sample_offset)
         if batch < 1 or o < 0 or o + batch > g:
             raise ValueError(f"MAE-XNT: mask rows [{o}, {o + batch}) do not fit a global batch of {g}")
-        n_mask = self.n_masked(n_tokens)
+        n_keep = self.n_kept(n_tokens)
         noise = torch.rand(g, n_tokens, device=device)[o:o + batch]
         ids_shuffle = noise.argsort(dim=1)  # low noise: kept
         ids_restore = ids_shuffle.argsort(dim=1)
-        ids_keep = ids_shuffle[:, :n_tokens - n_mask]
-        masked = (ids_restore >= n_tokens - n_mask).to(torch.float32)
+        ids_keep = ids_shuffle[:, :n_keep]
+        masked = (ids_restore >= n_keep).to(torch.float32)
         return ids_keep, ids_restore, masked
 
     # ------------------------------------------------------------------ the three stages

@@ -20,6 +20,7 @@ plans may contain): a checkpoint cannot run code.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import pickle
 import zipfile
@@ -32,6 +33,7 @@ from torch import Tensor
 
 from volssl.config import ModelConfig, RunConfig, config_to_dict
 from volssl.models.registry import ARCHITECTURES, build_model, get_arch
+from volssl.models.resenc_unet import LEAKY_SLOPE, NORM_EPS
 
 HEAD_PREFIX = "decoder.seg_layers."
 _ALIASES = ((".all_modules.0.", ".conv."), (".all_modules.1.", ".norm."))
@@ -114,7 +116,12 @@ def model_config_from_plan(plan: Mapping[str, Any] | None, in_channels: int, arc
 
     Accepts the architecture names ``ResEncL`` and ``ResidualEncoderUNet`` (with ``arch_kwargs``:
     3^3 kernels, one decoder conv per stage, conv bias, instance norm, leaky ReLU); anything else is
-    a ValueError naming what does not fit.
+    a ValueError naming what does not fit. Our ResEnc U-Net fixes InstanceNorm3d's ``eps`` (1e-5),
+    ``affine=True`` and LeakyReLU's ``negative_slope`` (0.01), and :class:`ModelConfig` cannot carry
+    other values, so a plan whose ``norm_op_kwargs`` / ``nonlin_kwargs`` set different ones is
+    refused with a ValueError naming ``where``, the key and both values. Absent keys (or absent
+    kwargs) mean torch's defaults, which are ours: eps 1e-5, slope 0.01; an absent ``affine`` is not
+    checked (the state dict decides: missing norm weights are refused by the key mapping).
     """
     if not plan:
         return ModelConfig(arch=arch or "resenc-l", in_channels=in_channels, out_channels=1)
@@ -139,6 +146,7 @@ def model_config_from_plan(plan: Mapping[str, Any] | None, in_channels: int, arc
     if bad:
         raise ValueError(f"{where}: ResidualEncoderUNet settings not supported by volssl: "
                          + ", ".join(f"{k}={kwargs.get(k)!r}" for k in bad))
+    _check_layer_kwargs(kwargs, where)
     n = int(kwargs.get("n_stages", len(kwargs["features_per_stage"])))
     features = tuple(int(f) for f in _as_list(kwargs["features_per_stage"], n))
     blocks = tuple(int(b) for b in _as_list(kwargs["n_blocks_per_stage"], n))
@@ -149,6 +157,35 @@ def model_config_from_plan(plan: Mapping[str, Any] | None, in_channels: int, arc
                        features=None if features == spec.features else features,
                        blocks=None if blocks == spec.blocks else blocks,
                        strides=None if strides == spec.strides else strides)
+
+
+def _check_layer_kwargs(kwargs: Mapping[str, Any], where: str) -> None:
+    """Refuse ``norm_op_kwargs`` / ``nonlin_kwargs`` values our ResEnc U-Net does not use (see
+    :func:`model_config_from_plan`): the weights would load, but the network would compute another
+    function than the one that was pre-trained."""
+    ours = (("norm_op_kwargs", "eps", NORM_EPS), ("norm_op_kwargs", "affine", True),
+            ("nonlin_kwargs", "negative_slope", LEAKY_SLOPE))
+    for group, key, expected in ours:
+        values = kwargs.get(group)
+        if values is None:
+            continue
+        if not isinstance(values, Mapping):
+            raise ValueError(f"{where}: architecture_plans.arch_kwargs.{group} is a {type(values).__name__}, "
+                             "expected a mapping")
+        if key not in values or values[key] is None:
+            continue
+        found = values[key]
+        if isinstance(expected, bool):
+            same = isinstance(found, bool) and found == expected
+        else:
+            try:
+                same = not isinstance(found, bool) and math.isclose(float(found), expected, rel_tol=1e-9, abs_tol=0.0)
+            except (TypeError, ValueError):
+                same = False
+        if not same:
+            raise ValueError(f"{where}: architecture_plans.arch_kwargs.{group}.{key} is {found!r}, but volssl's "
+                             f"ResEnc U-Net uses {expected!r} (fixed: models/resenc_unet.py); importing the "
+                             "weights would change what the network computes")
 
 
 def _as_list(v: Any, n: int | None = None) -> list:

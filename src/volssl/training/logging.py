@@ -1,8 +1,9 @@
 """What a run writes for people to watch: scalars (CSV + TensorBoard) and preview PNGs.
 
 * ``RUN/scalars.csv``: one row per logged step (header ``step,loss,loss_ema,lr,grad_norm,
-  sec_per_step,samples_per_s[,val_loss]``). On resume from step ``s`` the rows after ``s`` are
-  dropped, so the file never holds a step twice.
+  sec_per_step,samples_per_s,val_loss,probe_dice,probe_floor``; a cell stays empty where its value
+  was not measured at that step). On resume from step ``s`` the rows after ``s`` are dropped, so
+  the file never holds a step twice; a file written with fewer columns gets the current header.
 * ``RUN/tb/``: the same scalars as TensorBoard events (purged after ``s`` on resume) and the previews.
 * ``RUN/previews/step_000100.png``: for one or two samples, the middle slice (along the last axis)
   of the input, the masked input, the reconstruction and the target, one row per sample, all four
@@ -21,7 +22,8 @@ import torch
 
 from volssl.util.atomic import atomic_path
 
-COLUMNS = ["step", "loss", "loss_ema", "lr", "grad_norm", "sec_per_step", "samples_per_s", "val_loss"]
+COLUMNS = ["step", "loss", "loss_ema", "lr", "grad_norm", "sec_per_step", "samples_per_s", "val_loss", "probe_dice",
+           "probe_floor"]
 PREVIEW_KEYS = ("input", "masked", "reconstruction", "target")
 
 
@@ -47,6 +49,21 @@ def truncate_csv(path: str | os.PathLike, last_step: int) -> None:
         csv.writer(fh).writerows(kept)
 
 
+def _upgrade_header(path: Path) -> None:
+    """Rewrite a ``scalars.csv`` whose header is not :data:`COLUMNS` (an older run) with that header."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+        header = list(rows[0].keys()) if rows else None
+    if header == COLUMNS:
+        return
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
 def read_scalars(path: str | os.PathLike) -> list[dict[str, float]]:
     """Rows of a ``scalars.csv`` as dicts of floats (``step`` as int; empty cells omitted)."""
     out = []
@@ -70,6 +87,7 @@ class ScalarLogger:
         self.tb_dir = self.run_dir / "tb"
         if resume_step is not None:
             truncate_csv(self.csv_path, resume_step)
+            _upgrade_header(self.csv_path)
         else:
             self.csv_path.unlink(missing_ok=True)
         new = not self.csv_path.is_file() or self.csv_path.stat().st_size == 0

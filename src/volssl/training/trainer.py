@@ -65,7 +65,8 @@ VAL_BATCHES = 2
 #: fields that may differ between a run and its resumption (they do not change the maths)
 RESUME_MUTABLE = {
     "description", "train.steps", "train.log_every", "train.preview_every", "train.checkpoint_every",
-    "train.val_every", "train.device", "train.compile", "data.num_workers",
+    "train.val_every", "train.device", "train.compile", "data.num_workers", "train.probe_dataset",
+    "train.probe_every",
 }
 
 
@@ -119,10 +120,13 @@ def _accepts_rows(method: torch.nn.Module) -> bool:
 
 
 def _config_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between the saved config ``a`` and the new one ``b``; a key the
+    saved config lacks (a field added to volssl after the run was saved) is not a difference."""
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for k in sorted(set(a) | set(b)):
-            out += _config_diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
+            if k in a or not isinstance(b.get(k), (str, int, float, bool, type(None))):
+                out += _config_diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
         return out
     return [] if a == b else [prefix]
 
@@ -145,7 +149,7 @@ def _default_batches(cfg: RunConfig, data_dir: str | os.PathLike, pin_memory: bo
             raise ValueError(f"{data_dir}: crops of TIFF / Zarr volumes have one channel, but model.in_channels = "
                              f"{cfg.model.in_channels}")
         sampler = VolumeCropSampler(data_dir, cfg.data.patch_size, seed=cfg.train.seed, sampling=cfg.data.sampling,
-                                    symmetries=cfg.data.symmetries, zscore=True)
+                                    symmetries=cfg.data.symmetries, zscore=True, crop_norm=cfg.data.crop_norm)
         plan = volume_plan(sampler)
     else:
         from volssl.data.dataset import PreprocessedDataset
@@ -273,6 +277,8 @@ def run_loop(
     grad_clip: float | None = None,
     validate: Callable[[], float] | None = None,
     on_step: Callable[[int], bool] | None = None,
+    probe: Callable[[int], dict[str, float | None]] | None = None,
+    probe_every: int = 0,
     name: str = "pretrain",
     title: str = "",
     progress: bool = True,
@@ -305,6 +311,8 @@ def run_loop(
             parameters require gradients (the module is then re-wrapped and clipping sees the new set).
             After every optimiser update the loop calls ``module.after_step(steps_done)`` when the
             module has such a method (a momentum teacher's EMA update, outside autograd and validation).
+        probe, probe_every: ``probe(steps_done)`` every ``probe_every`` steps and at the end (rank 0;
+            e.g. the representation probe of training/probe.py); its scalars join that step's log row.
         name: the command, for messages and the progress bar; ``title``: the preview title prefix.
         progress: show a tqdm progress bar on stderr (rank 0).
 
@@ -411,7 +419,13 @@ def run_loop(
                 val = None
                 if validate is not None and tc.val_every > 0 and (done % tc.val_every == 0 or last):
                     val = last_val = validate()
-                if done % tc.log_every == 0 or last:
+                probed: dict[str, float | None] = {}
+                if probe is not None and probe_every > 0 and (done % probe_every == 0 or last):
+                    if info.is_main:
+                        probed = dict(probe(done))
+                        bar.set_postfix(probe=f"{probed.get('probe_dice', float('nan')):.3f}", refresh=False)
+                    D.barrier(info)
+                if done % tc.log_every == 0 or last or probed:
                     last_loss = float(gloss.item())
                     if not math.isfinite(last_loss):
                         raise FloatingPointError(f"loss is {last_loss} at step {done}; the last good checkpoint "
@@ -422,7 +436,7 @@ def run_loop(
                         logger.log(done, {"loss": last_loss, "loss_ema": float(ema.item()), "lr": lr,
                                           "grad_norm": float(grad_norm.item()), "sec_per_step": dt,
                                           "samples_per_s": global_batch / dt if dt > 0 else None,
-                                          "val_loss": val})
+                                          "val_loss": val, **probed})
                     bar.set_postfix(loss=f"{last_loss:.4f}", ema=f"{float(ema.item()):.4f}", lr=f"{lr:.2e}",
                                     refresh=False)
                 if info.is_main and previews and (done % tc.preview_every == 0 or last):
@@ -567,11 +581,44 @@ def pretrain(
         torch.manual_seed(step_seed(tc.seed, 0))  # the training steps reseed anyway
         return float(D.all_reduce_mean(torch.stack(losses).mean(), info).item())
 
+    probe, probe_every = _probe_hook(cfg, plan, out_dir, raw, info, device) if tc.probe_dataset else (None, 0)
     return run_loop(out_dir, tc, module=raw, optimizer=optimizer, schedule=schedule, scaler=scaler, batches=batches,
                     forward=forward, payload=payload, config=config_to_dict(cfg), global_batch=cfg.data.batch_size,
                     info=info, device=device, state=state, state_key="method_state", grad_clip=cfg.optim.grad_clip,
-                    validate=val_loss if tc.val_every > 0 else None, name="pretrain", title=cfg.method.name,
-                    progress=progress)
+                    validate=val_loss if tc.val_every > 0 else None, probe=probe, probe_every=probe_every,
+                    name="pretrain", title=cfg.method.name, progress=progress)
+
+
+def _probe_hook(cfg: RunConfig, plan: dict | None, out_dir: str | os.PathLike, method: torch.nn.Module,
+                info: D.DistInfo, device: torch.device) -> tuple[Callable[[int], dict[str, float | None]] | None, int]:
+    """The representation probe of ``train.probe_dataset`` (training/probe.py) as a ``run_loop`` hook:
+    it scores ``method.transfer_state_dict()``, appends ``RUN/probe.csv`` and redraws ``RUN/probe.png``.
+    Built on rank 0 only; ``train.probe_every`` 0 means ``train.steps // 10``."""
+    tc = cfg.train
+    every = int(tc.probe_every) if tc.probe_every > 0 else max(1, tc.steps // 10)
+    if tc.probe_every < 0:
+        raise ValueError(f"train.probe_every must be >= 0, got {tc.probe_every}")
+    if not info.is_main:
+        return None, every
+    from volssl.training.probe import Probe, append_probe_row, plot_probe, prepare_probe_data, read_probe_csv
+
+    out = Path(out_dir)
+    root = prepare_probe_data(tc.probe_dataset, plan, out / "probe_data")
+    probe = Probe(root, cfg.model, cfg.data.patch_size, device=device)
+    _log(f"probe every {every} steps on {root}: {len(probe.train_ids)} training / {len(probe.eval_ids)} scored "
+         f"cases, linear head on frozen {cfg.model.arch} features (RUN/probe.csv, RUN/probe.png)", info)
+
+    def hook(step: int) -> dict[str, float | None]:
+        from volssl.training.probe import run_probe
+
+        was_training = method.training
+        row = run_probe(probe, {k: v.detach() for k, v in method.transfer_state_dict().items()})
+        method.train(was_training)
+        append_probe_row(out, {"step": step, **row})
+        plot_probe(read_probe_csv(out / "probe.csv"), out / "probe.png", title=f"{cfg.method.name} probe")
+        return {"probe_dice": row["probe_dice"], "probe_floor": row["probe_floor"]}
+
+    return hook, every
 
 
 def load_run_config(run_dir: str | os.PathLike) -> RunConfig:
