@@ -54,26 +54,27 @@ class Arm:
     finetune_overrides: tuple[str, ...] = ()
     min_patch: int | None = None  # smallest patch side the architecture trains on (tiny scales raise theirs to it)
     own_pretrain_patch: bool = False  # pre-train on the preset's patch (VoCo: a grid of base crops), not the scale's
+    twin: str | None = None  # the from-scratch arm it is paired with in the report (same network, plan, schedule)
 
 
 ARMS: dict[str, Arm] = {a.name: a for a in (
-    Arm("s3d", "S3D (sparse MAE, ResEnc)", "s3d", preset="s3d-b"),
+    Arm("s3d", "S3D (sparse MAE, ResEnc)", "s3d", preset="s3d-b", twin="no-fixed"),
     Arm("no-fixed", "No (Fixed): ResEnc from scratch, pre-training plan", "scratch-s3d-schedule", arch="resenc-l"),
     Arm("no-dyn", "No (Dyn.): ResEnc from scratch, nnU-Net-style dynamic plan", "scratch-dynamic", plan="dynamic"),
-    Arm("models-genesis", "Models Genesis (ResEnc)", "s3d", preset="models-genesis"),
-    Arm("volume-fusion", "VolumeFusion (ResEnc)", "s3d", preset="volume-fusion"),
-    Arm("voco", "VoCo (ResEnc encoder)", "s3d-encoder", preset="voco", own_pretrain_patch=True),
-    Arm("amaes-unet", "AMAES (U-Net B)", "amaes", preset="amaes-unet-b", plan="amaes"),
+    Arm("models-genesis", "Models Genesis (ResEnc)", "s3d", preset="models-genesis", twin="no-fixed"),
+    Arm("volume-fusion", "VolumeFusion (ResEnc)", "s3d", preset="volume-fusion", twin="no-fixed"),
+    Arm("voco", "VoCo (ResEnc encoder)", "s3d-encoder", preset="voco", own_pretrain_patch=True, twin="no-fixed"),
+    Arm("amaes-unet", "AMAES (U-Net B)", "amaes", preset="amaes-unet-b", plan="amaes", twin="scratch-unet"),
     Arm("amaes-unet-no-intensity", "AMAES without intensity augmentation (U-Net B)", "amaes",
-        preset="amaes-unet-b-no-intensity", plan="amaes"),
+        preset="amaes-unet-b-no-intensity", plan="amaes", twin="scratch-unet"),
     Arm("scratch-unet", "U-Net B from scratch (AMAES schedule)", "scratch-amaes-schedule", plan="amaes",
         arch="unet-b"),
     # MONAI's SwinUNETR instance-normalises its 1/32-resolution features: a 32^3 patch (1^3) cannot train
     Arm("swinunetr-ssl", "SwinUNETR self-supervised (rotation + contrastive + inpainting)", "swinunetr",
-        preset="swinunetr-ssl", plan="amaes", min_patch=64),
+        preset="swinunetr-ssl", plan="amaes", min_patch=64, twin="scratch-swinunetr"),
     Arm("scratch-swinunetr", "SwinUNETR from scratch", "scratch-swinunetr", plan="amaes", arch="swinunetr",
         min_patch=64),
-    Arm("mae-xnt", "MAE-XNT (ViT-B MAE, UNETR)", "mae-xnt", preset="mae-xnt", plan="xnt"),
+    Arm("mae-xnt", "MAE-XNT (ViT-B MAE, UNETR)", "mae-xnt", preset="mae-xnt", plan="xnt", twin="scratch-vit"),
     Arm("scratch-vit", "ViT-B UNETR from scratch (MAE-XNT schedule)", "scratch-mae-xnt-schedule", plan="xnt",
         arch="vit-b-unetr"),
 )}
@@ -100,17 +101,24 @@ class BenchScale:
     phantom_shape: int = 64
     n_labeled: int = 16
     n_test: int = 4
-    #: the same CPU-budget optimiser for every arm at the tiny scales (see volssl.demo.DEMO_FINETUNE)
-    finetune_overrides: tuple[str, ...] = ()
+    probe_every: int | None = None  # representation probe during pre-training (None: none)
+    seeds: tuple[int, ...] = (0, 1, 2)  # default fine-tuning seeds
+    draws: tuple[int, ...] | None = None  # default independent phantom draws (None: one, the ``seed``)
+    n_trains: tuple[int | None, ...] = (2,)  # default labelled training cases per cell
 
 
-_CPU_FT = ("optim.name=adamw", "optim.lr=2e-3", "optim.weight_decay=1e-2", "foreground_prob=0.9")
+
 SCALES: dict[str, BenchScale] = {s.name: s for s in (
-    BenchScale("tiny", True, (2.0, 2.0, 2.0), 32, 400, 400, finetune_overrides=_CPU_FT),
-    BenchScale("quick", True, (2.0, 2.0, 2.0), 32, 4, 6, n_unlabeled=4, phantom_shape=48, n_labeled=5, n_test=2,
-               finetune_overrides=_CPU_FT),
+    BenchScale("tiny", True, (2.0, 2.0, 2.0), 32, 400, 400),
+    BenchScale("quick", True, (2.0, 2.0, 2.0), 32, 4, 6, n_unlabeled=4, phantom_shape=48, n_labeled=5, n_test=2),
     BenchScale("full", False, None, None, None, None, n_unlabeled=200, phantom_shape=160, n_labeled=40, n_test=10),
+    # does pre-training pay? (docs/evidence.md) 120 unlabeled phantoms (x 3 contrasts), the recipes' own
+    # -tiny fine-tuning, 5 seeds on 2 independent draws, 8 test cases per draw, the probe during pre-training
+    BenchScale("evidence", True, (2.0, 2.0, 2.0), 32, 800, None, n_unlabeled=120, phantom_shape=64, n_labeled=16,
+               n_test=8, probe_every=100, seeds=(0, 1, 2, 3, 4), draws=(0, 1), n_trains=(2,)),
 )}
+#: said in the report next to a paired difference that is not a clear gain
+EVIDENCE_NOTE = "see docs/evidence.md for the measured cause and the scale at which a gain is expected"
 
 
 def stage_lengths(recipe: str, total: int) -> list[int]:
@@ -246,11 +254,12 @@ def parse_n_train(text: str) -> int | float | None:
     return None if value == 1 else value
 
 
-def run_benchmark(out: str | Path, methods: Sequence[str], datasets: Sequence[str], n_trains: Sequence[Any] = (2,),
-                  seeds: Sequence[int] = (0, 1, 2), scale: str = "tiny", generalisation: Sequence[str] = (),
-                  unlabeled: str | None = None, workers: int = 2, device: str = "cpu", seed: int = 0,
-                  report: bool = True, pretrain_steps: int | None = None,
-                  finetune_steps: int | None = None, n_labeled: int | None = None) -> dict[str, Any]:
+def run_benchmark(out: str | Path, methods: Sequence[str], datasets: Sequence[str],
+                  n_trains: Sequence[Any] | None = None, seeds: Sequence[int] | None = None, scale: str = "tiny",
+                  generalisation: Sequence[str] = (), unlabeled: str | None = None, workers: int = 2,
+                  device: str = "cpu", seed: int = 0, report: bool = True, pretrain_steps: int | None = None,
+                  finetune_steps: int | None = None, n_labeled: int | None = None,
+                  draws: Sequence[int] | None = None) -> dict[str, Any]:
     """Run the comparison into ``out`` (see the module docstring); returns ``benchmark.json``'s content.
 
     Args:
@@ -258,8 +267,9 @@ def run_benchmark(out: str | Path, methods: Sequence[str], datasets: Sequence[st
         methods: names of :data:`ARMS`.
         datasets: phantom task names (``volssl phantoms --list-tasks``) or nnU-Net v2 raw dataset folders
             (with imagesTs/labelsTs for the held-out cases).
-        n_trains: labeled training cases per cell: ints, fractions (``0.1``), or None / "all".
-        seeds: fine-tuning seeds (subset, initialisation, patches).
+        n_trains: labeled training cases per cell: ints, fractions (``0.1``), or None / "all" (default:
+            the scale's).
+        seeds: fine-tuning seeds (subset, initialisation, patches; default: the scale's).
         scale: a key of :data:`SCALES`.
         generalisation: ``"A:B"`` pairs: runs trained on dataset A also predict B's test cases.
         unlabeled: an nnU-Net raw dataset or image folder as the unlabeled pool (default: phantoms of
@@ -267,12 +277,21 @@ def run_benchmark(out: str | Path, methods: Sequence[str], datasets: Sequence[st
         workers: cells fine-tuned in parallel (one thread each); device: "cpu", "cuda", ...
         pretrain_steps, finetune_steps, n_labeled: override the scale's step counts and the number of
             labeled phantoms generated per task (a changed value is a new experiment: use another ``out``).
+        draws: independent phantom draws (default: the scale's; None there: the one draw ``seed``): each
+            draw ``k`` is a whole benchmark in ``out/draw<k>`` (its own pool, datasets and pre-training,
+            generated with seed ``k``), and one report covers them all (``out/report``).
     """
     from volssl.reports.report import make_report
 
     if scale not in SCALES:
         raise ValueError(f"unknown benchmark scale {scale!r}; choose one of {', '.join(SCALES)}")
     sc = SCALES[scale]
+    seeds = list(sc.seeds if seeds is None else seeds)
+    n_trains = list(sc.n_trains if n_trains is None else n_trains)
+    draws = list(sc.draws if draws is None and sc.draws else draws or [])
+    if draws:
+        return _run_draws(out, methods, datasets, n_trains, seeds, scale, generalisation, unlabeled, workers, device,
+                          report, pretrain_steps, finetune_steps, n_labeled, draws)
     if pretrain_steps or finetune_steps or n_labeled:
         sc = dataclasses.replace(sc, pretrain_steps=pretrain_steps or sc.pretrain_steps,
                                  finetune_steps=finetune_steps or sc.finetune_steps,
@@ -299,8 +318,10 @@ def run_benchmark(out: str | Path, methods: Sequence[str], datasets: Sequence[st
     for arm in arms:
         for domain in sorted({data[d]["domain"] for d in datasets}):
             try:
+                probe = next((str(data[d]["raw"]) for d in datasets if data[d]["domain"] == domain
+                              and data[d]["task"] == "semantic"), None)
                 checkpoints[(arm.name, domain)] = (None if arm.preset is None else
-                                                   _pretrain(arm, domain, out, sc, seed, unlabeled))
+                                                   _pretrain(arm, domain, out, sc, seed, unlabeled, probe))
             except (RuntimeError, ValueError, KeyError, FileNotFoundError) as e:  # the other arms go on
                 broken[(arm.name, domain)] = f"pre-training failed: {type(e).__name__}: {e}"
                 _say(f"  {arm.name}@{domain}: {broken[(arm.name, domain)]} (rerun to retry)")
@@ -320,7 +341,7 @@ def run_benchmark(out: str | Path, methods: Sequence[str], datasets: Sequence[st
             plan = plans[key]
             pre = _prepare_labeled(info["raw"], plan, out / "labeled" / d / plan["name"])
             recipe = _tiny(arm.recipe, sc)
-            overrides = list(arm.finetune_overrides) + list(sc.finetune_overrides)
+            overrides = list(arm.finetune_overrides)
             if sc.patch:
                 side = max(sc.patch, arm.min_patch or 0)
                 overrides.append(f"patch_size={side},{side},{side}")
@@ -363,11 +384,46 @@ def run_benchmark(out: str | Path, methods: Sequence[str], datasets: Sequence[st
                "cells": results, "failed": len(failed), "seconds": round(time.time() - t0, 1),
                "pretraining_failed": {f"{a}@{d}": why for (a, d), why in broken.items()}}
     if report:
-        make_report([out / "finetune"], out / "report")
+        make_report([out / "finetune"], out / "report", twins=twins_of(methods), probe_dirs=[out / "pretrain"],
+                    evidence_note=EVIDENCE_NOTE)
         summary["report"] = str(out / "report" / "report.md")
     write_json_atomic(out / "benchmark.json", summary)
     _say(f"done in {summary['seconds']} s; {len(failed)} of {len(results)} cells failed; report: "
          f"{summary.get('report')}")
+    return summary
+
+
+def twins_of(methods: Sequence[str]) -> dict[str, str]:
+    """``{arm: its from-scratch twin}`` for the arms of ``methods`` whose twin is also in ``methods``."""
+    return {m: ARMS[m].twin for m in methods if m in ARMS and ARMS[m].twin in methods}
+
+
+def _run_draws(out, methods, datasets, n_trains, seeds, scale, generalisation, unlabeled, workers, device, report,
+               pretrain_steps, finetune_steps, n_labeled, draws) -> dict[str, Any]:
+    """:func:`run_benchmark` once per draw into ``out/draw<k>`` (seed ``k``), then one report over all draws."""
+    from volssl.reports.report import make_report
+
+    out = Path(out)
+    t0 = time.time()
+    per_draw = {}
+    for k in draws:
+        _say(f"draw {k} of {list(draws)} -> {out / f'draw{k}'}")
+        per_draw[int(k)] = run_benchmark(out / f"draw{k}", methods, datasets, n_trains, seeds, scale, generalisation,
+                                         unlabeled, workers, device, seed=int(k), report=False,
+                                         pretrain_steps=pretrain_steps, finetune_steps=finetune_steps,
+                                         n_labeled=n_labeled, draws=[])
+    summary: dict[str, Any] = {"draws": {str(k): v for k, v in per_draw.items()}, "seconds": round(time.time() - t0, 1),
+                               "failed": sum(v["failed"] for v in per_draw.values())}
+    if report:
+        rep = make_report([out / f"draw{k}" / "finetune" for k in draws], out / "report", twins=twins_of(methods),
+                          probe_dirs=[out / f"draw{k}" / "pretrain" for k in draws], evidence_note=EVIDENCE_NOTE)
+        summary["report"] = str(out / "report" / "report.md")
+        summary["paired"] = rep["paired"]
+        for r in rep["paired"]:
+            _say(f"{r['method']} vs {r['twin']} on {r['dataset']} (n_train {r['n_train']}, {r['n_pairs']} pairs): "
+                 f"{100 * r['diff']:+.1f} Dice points, 95% CI [{100 * r['ci_low']:+.1f}, {100 * r['ci_high']:+.1f}]")
+    write_json_atomic(out / "benchmark.json", summary)
+    _say(f"all draws done in {summary['seconds']} s; report: {summary.get('report')}")
     return summary
 
 
@@ -442,8 +498,10 @@ def _scaled_plan(name: str, sc: BenchScale):
     return plan
 
 
-def _pretrain(arm: Arm, domain: str, out: Path, sc: BenchScale, seed: int, unlabeled: str | None) -> str:
-    """Pre-train ``arm`` on the ``domain`` pool (resumed if interrupted); its final checkpoint."""
+def _pretrain(arm: Arm, domain: str, out: Path, sc: BenchScale, seed: int, unlabeled: str | None,
+              probe_dataset: str | None = None) -> str:
+    """Pre-train ``arm`` on the ``domain`` pool (resumed if interrupted); its final checkpoint. With the
+    scale's ``probe_every``, the representation probe runs on ``probe_dataset`` during pre-training."""
     from volssl.config import resolve
     from volssl.data.preprocess import preprocess
     from volssl.training.trainer import pretrain
@@ -463,6 +521,8 @@ def _pretrain(arm: Arm, domain: str, out: Path, sc: BenchScale, seed: int, unlab
     if sc.patch and not arm.own_pretrain_patch:
         side = max(sc.patch, arm.min_patch or 0)
         overrides.append(f"data.patch_size={side},{side},{side}")
+    if sc.probe_every and probe_dataset:
+        overrides += [f"train.probe_dataset={probe_dataset}", f"train.probe_every={sc.probe_every}"]
     cfg = resolve(_tiny(arm.preset, sc), overrides)
     _say(f"pre-training {arm.name} ({cfg.preset}: {cfg.model.arch}, {tuple(cfg.data.patch_size)}, "
          f"{cfg.train.steps} steps) on the {domain} pool -> {run}")

@@ -46,6 +46,9 @@ class ModelConfig:
     features: tuple[int, ...] | None = None  # None: the architecture's own
     blocks: tuple[int, ...] | None = None
     strides: tuple[int, ...] | None = None
+    # several input channels: "stem" (one encoder input per channel, the stem mixes them; S3D Table 6) or
+    # "features" (a one-channel encoder runs on each channel, its stage features fused; models/channel_fusion.py)
+    channel_fusion: str = "stem"
 
 
 @dataclass

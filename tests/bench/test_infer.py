@@ -25,5 +25,5 @@ def test_bench_infer_prints_one_json_object(capsys):
 
 
 def test_bench_infer_rejects_a_patch_the_network_cannot_take(capsys):
-    assert main(["bench", "infer", "--patch", "20", "--size", "24"]) == 2
-    assert "total stride 16" in capsys.readouterr().err
+    assert main(["bench", "infer", "--patch", "20", "--size", "24"]) == 2  # 20: not a multiple of 8
+    assert "total stride 8" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """Shared fixtures (one torch thread per test comes from tests/conftest.py): a tiny brain-phantom dataset (3 channels) raw and preprocessed with
-the S3D plan; a tiny S3D pre-training checkpoint (resenc-tiny, 32^3 patches, 2 steps of the real loop)."""
+the S3D plan; a tiny S3D pre-training checkpoint (resenc-tiny: 4 stages, total stride 8, so its 32^3 patches
+have a 4^3 bottleneck and 64 mask blocks of 8^3 voxels; 2 steps of the real loop)."""
 from __future__ import annotations
 
 from pathlib import Path

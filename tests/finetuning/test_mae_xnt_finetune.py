@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import volssl.finetuning.finetune as ft
-from volssl.finetuning.recipes import get_recipe, resolve_recipe
+from volssl.finetuning.recipes import get_recipe, resolve_recipe, tiny_optim
 from volssl.training.lr_decay import layer_id
 
 
@@ -69,8 +69,11 @@ def test_finetune_a_mae_xnt_checkpoint_with_layer_decay(mae_checkpoint, preproce
     depth = 4
     for g in groups:
         assert g["lr_scale"] == pytest.approx(0.75 ** (depth + 1 - g["layer_id"]))
-    # the scheduler set each group's lr (last step: the cosine end, min_lr) times its scale
+    # the scheduler set each group's lr (last step: the cosine end, min_lr) times its scale; the -tiny
+    # recipe's min_lr is the real one (1e-6) scaled with its peak lr (1e-5 x 25k/250 steps -> 1e-3): 1e-4
+    tiny = tiny_optim(get_recipe("mae-xnt"), get_recipe("mae-xnt-tiny").total_steps)
+    assert (tiny.name, tiny.lr, tiny.min_lr) == ("adamw", pytest.approx(1e-3), pytest.approx(1e-4))
     for g in groups:
-        assert g["lr"] == pytest.approx(1e-6 * g["lr_scale"], rel=1e-6)
+        assert g["lr"] == pytest.approx(tiny.min_lr * g["lr_scale"], rel=1e-6)
     assert {g["layer_id"] for g in groups} == set(range(depth + 2))
     assert layer_id("encoder.blocks.3.norm1.weight", depth) == 4

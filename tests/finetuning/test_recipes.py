@@ -2,7 +2,7 @@
 import pytest
 
 from volssl.finetuning.recipes import (
-    RECIPES, Stage, get_recipe, list_recipes, lr_at_step, resolve_recipe, stage_at,
+    RECIPES, TINY_MAX_LR, Stage, get_recipe, list_recipes, lr_at_step, resolve_recipe, stage_at, tiny_optim,
 )
 
 
@@ -25,7 +25,17 @@ def test_every_recipe_has_a_tiny_sibling_with_the_same_stage_structure():
         big, tiny = get_recipe(name), get_recipe(f"{name}-tiny")
         assert [(s.name, s.trainable, s.lr) for s in big.stages] == [(s.name, s.trainable, s.lr) for s in tiny.stages]
         assert 100 <= tiny.total_steps <= 500 and tiny.train.precision == "fp32"
-        assert (tiny.transfer, tiny.optim, tiny.deep_supervision) == (big.transfer, big.optim, big.deep_supervision)
+        assert (tiny.transfer, tiny.deep_supervision) == (big.transfer, big.deep_supervision)
+        # the CPU optimiser: AdamW, lr rescaled for the shorter run, schedule and clipping kept
+        assert tiny.optim == tiny_optim(big, tiny.total_steps)
+        assert tiny.optim.name == "adamw" and 0 < tiny.optim.lr <= TINY_MAX_LR
+        assert (tiny.optim.schedule, tiny.optim.warmup_steps, tiny.optim.grad_clip) == (
+            big.optim.schedule, big.optim.warmup_steps, big.optim.grad_clip)
+    # tiny_optim's documented examples: SGD rows 2e-3 * lr / 1e-3 (capped), AdamW rows lr x step compression
+    assert [get_recipe(f"{n}-tiny").optim.lr for n in ("s3d", "s3d-lr1e-4", "scratch", "amaes", "mae-xnt")] == \
+        pytest.approx([2e-3, 2e-4, 2e-3, 1e-3, 1e-3], rel=1e-12)
+    assert get_recipe("s3d-tiny").optim.weight_decay == 1e-2  # SGD rows; AdamW rows keep theirs
+    assert get_recipe("amaes-tiny").optim.weight_decay == get_recipe("amaes").optim.weight_decay
 
 
 def test_scratch_recipes_train_everything_with_random_init():

@@ -98,8 +98,8 @@ def test_random_stem_init_keeps_the_fresh_stem():
 
 def test_another_architecture_is_refused_naming_the_key():
     source = pretrained_method().transfer_state_dict()
-    wider = build_model(dataclasses.replace(ModelConfig(arch="resenc-tiny"), features=(8, 16, 32, 64, 96)))
-    with pytest.raises(ValueError, match=r"encoder\.stages\.4.*shape"):
+    wider = build_model(dataclasses.replace(ModelConfig(arch="resenc-tiny"), features=(8, 16, 32, 96)))
+    with pytest.raises(ValueError, match=r"encoder\.stages\.3.*shape"):
         transfer_weights(wider, source, "all", where="ckpt.pt")
     with pytest.raises(ValueError, match="no counterpart"):
         transfer_weights(fresh(), {"head.weight": torch.zeros(1)}, "all")
@@ -117,8 +117,8 @@ def test_trainable_sets_per_stage():
     # deep supervision: the lowest-resolution head has loss weight 0, so it is never trained
     assert [n for n in names if n not in trainable_names(net, "all")] == ["decoder.seg_layers.0.weight",
                                                                          "decoder.seg_layers.0.bias"]
-    no_ds = trainable_names(net, "all", deep_supervision=False)
-    assert [n for n in names if n not in no_ds] == [f"decoder.seg_layers.{k}.{w}" for k in range(3)
+    no_ds = trainable_names(net, "all", deep_supervision=False)  # 4 stages: 3 heads, only the last is trained
+    assert [n for n in names if n not in no_ds] == [f"decoder.seg_layers.{k}.{w}" for k in range(2)
                                                      for w in ("weight", "bias")]
     assert set_trainable(net, "decoder") is True and set_trainable(net, "decoder") is False
     assert {n for n, p in net.named_parameters() if p.requires_grad} == set(decoder)

@@ -216,8 +216,8 @@ def test_config_checks_and_transfer_state_dict():
     with pytest.raises(ValueError, match="restore its input"):
         ModelsGenesis(build_model(ModelConfig(arch="resenc-tiny", out_channels=2)), ModelsGenesisConfig())
     mg = make()
-    with pytest.raises(ValueError, match="divisible by the encoder's total stride 16"):
-        mg(torch.zeros(1, 1, 32, 32, 40))
+    with pytest.raises(ValueError, match="divisible by the encoder's total stride 8"):
+        mg(torch.zeros(1, 1, 32, 32, 36))
     sd = mg.transfer_state_dict()
     assert set(sd) == {k for k in mg.network.state_dict() if not k.startswith("decoder.seg_layers.")}
     assert any(k.startswith("decoder.stages.") for k in sd)  # the decoder is transferred too

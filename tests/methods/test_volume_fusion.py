@@ -144,8 +144,8 @@ def test_config_checks_and_transfer_state_dict():
     with pytest.raises(ValueError, match="boxes must be"):
         make(boxes=(5, 2))
     vf = make()
-    with pytest.raises(ValueError, match="divisible by the encoder's total stride 16"):
-        vf(torch.zeros(1, 1, 32, 32, 40))
+    with pytest.raises(ValueError, match="divisible by the encoder's total stride 8"):
+        vf(torch.zeros(1, 1, 32, 32, 36))
     sd = vf.transfer_state_dict()
     assert set(sd) == {k for k in vf.network.state_dict() if not k.startswith("decoder.seg_layers.")}
 

@@ -139,7 +139,7 @@ def test_without_a_plan_the_arch_decides_and_wrong_arch_is_refused(tmp_path):
 
 
 def test_tiny_arch_without_plan_imports_with_in_channels_from_the_stem(tmp_path):
-    spec = dict(features=[8, 16, 32, 64, 64], blocks=[1, 1, 2, 2, 2], strides=[1, 2, 2, 2, 2])
+    spec = dict(features=[8, 16, 32, 64], blocks=[1, 1, 2, 2], strides=[1, 2, 2, 2])  # resenc-tiny's widths
     src = write_nnssl(tmp_path / "noplan.pth", dna_state_dict(2, 1, **spec))
     payload, report = convert_nnssl(src, arch="resenc-tiny")
     assert payload["model"]["arch"] == "resenc-tiny" and payload["model"]["in_channels"] == 2

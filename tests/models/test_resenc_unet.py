@@ -57,16 +57,16 @@ def test_forward_shapes_and_deep_supervision():
     with torch.no_grad():
         skips = net.encoder(x)
         assert [tuple(s.shape[1:]) for s in skips] == [(8, 32, 32, 32), (16, 16, 16, 16), (32, 8, 8, 8),
-                                                       (64, 4, 4, 4), (64, 2, 2, 2)]
+                                                       (64, 4, 4, 4)]
         assert net(x).shape == (1, 3, 32, 32, 32)
         net.deep_supervision = True
         outs = net(x)
-    assert [o.shape[2] for o in outs] == [32, 16, 8, 4]
+    assert [o.shape[2] for o in outs] == [32, 16, 8]
 
 
 def test_input_not_divisible_by_total_stride_is_a_clear_error():
-    with pytest.raises(ValueError, match="total stride 16"):
-        tiny().encoder(torch.randn(1, 1, 24, 32, 32))
+    with pytest.raises(ValueError, match="total stride 8"):
+        tiny().encoder(torch.randn(1, 1, 20, 32, 32))  # 20: not a multiple of 8
 
 
 # --------------------------------------------------------------------------- norms
@@ -122,9 +122,9 @@ def test_fused_masked_norm_gradients(slope):
 
 
 # --------------------------------------------------------------------------- sparse encoder
-def _mask_and_perturbation(patch=32, block=16):
+def _mask_and_perturbation(patch=32, block=8):
     torch.manual_seed(3)
-    mask = block_mask(2, (patch,) * 3, block, 0.5)  # 2^3 grid: 4 masked, 4 visible blocks per sample
+    mask = block_mask(2, (patch,) * 3, block, 0.5)  # block = total stride, 4^3 grid: 32 masked, 32 visible blocks
     x = torch.randn(2, 1, patch, patch, patch)
     x2 = x + 5.0 * torch.randn_like(x) * (1 - mask)  # differs only inside masked blocks
     return mask, x, x2
@@ -140,7 +140,7 @@ def test_masked_input_changes_no_visible_output_of_any_stage():
     with torch.no_grad():
         a, b = net.encoder(x, mask), net.encoder(x2, mask)
     strides = net.encoder.cumulative_strides
-    assert len(a) == 5 and a[-1].shape[2:] == (2, 2, 2)  # the bottleneck is one voxel per block
+    assert len(a) == 4 and a[-1].shape[2:] == (4, 4, 4)  # the bottleneck is one voxel per block
     for s, (va, vb, c) in enumerate(zip(a, b, strides)):
         m = mask[:, :, ::c, ::c, ::c]
         assert torch.equal(va, vb), f"stage {s}: visible output depends on masked input"

@@ -16,10 +16,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--datasets", default="brain",
                    help="comma-separated phantom tasks or nnU-Net v2 raw dataset folders (default: brain)")
     p.add_argument("--out", default="volssl_benchmark", help="benchmark folder (default: volssl_benchmark)")
-    p.add_argument("--n-train", default="2", help="comma-separated labeled cases per run: ints, fractions (0.1, "
-                                                  "10%%) or 'all' (default: 2)")
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated fine-tuning seeds (default: 0,1,2)")
-    p.add_argument("--scale", default="tiny", help="tiny (demo scale, CPU), quick (CI) or full (real presets)")
+    p.add_argument("--n-train", default=None, help="comma-separated labeled cases per run: ints, fractions (0.1, "
+                                                   "10%%) or 'all' (default: the scale's, 2)")
+    p.add_argument("--seeds", default=None, help="comma-separated fine-tuning seeds (default: the scale's: 0,1,2; "
+                                                 "evidence: 0-4)")
+    p.add_argument("--draws", default=None,
+                   help="comma-separated independent phantom draws, each a benchmark in OUT/draw<k>, one report over "
+                        "all (default: the scale's: evidence 0,1; else one draw, --seed)")
+    p.add_argument("--scale", default="tiny", help="tiny (demo scale, CPU), evidence (does pre-training pay? about 90 "
+                                                   "min on 2 cores), quick (CI) or full (real presets)")
     p.add_argument("--generalisation", default="", metavar="A:B[,A:B]",
                    help="runs trained on dataset A also predict dataset B's test cases")
     p.add_argument("--unlabeled", default=None, help="unlabeled pool (default: phantoms of the datasets' domain)")
@@ -49,8 +54,9 @@ def _run(args: argparse.Namespace) -> int:
         print("scales: " + ", ".join(SCALES))
         return 0
     run_benchmark(args.out, _split(args.methods), _split(args.datasets),
-                  n_trains=[parse_n_train(t) for t in _split(args.n_train)],
-                  seeds=[int(s) for s in _split(args.seeds)], scale=args.scale,
+                  n_trains=None if args.n_train is None else [parse_n_train(t) for t in _split(args.n_train)],
+                  seeds=None if args.seeds is None else [int(s) for s in _split(args.seeds)], scale=args.scale,
+                  draws=None if args.draws is None else [int(d) for d in _split(args.draws)],
                   generalisation=_split(args.generalisation), unlabeled=args.unlabeled, workers=args.workers,
                   device=args.device, seed=args.seed, pretrain_steps=args.pretrain_steps,
                   finetune_steps=args.finetune_steps, n_labeled=args.n_labeled)

@@ -23,6 +23,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap samples (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--twin", action="append", default=[], metavar="METHOD=TWIN",
+                   help="pair METHOD's runs with its from-scratch TWIN's (same folder, dataset, n_train, seed) and "
+                        "report the paired Dice difference with a bootstrap 95%% interval (repeatable)")
+    p.add_argument("--probe", action="append", default=[], metavar="DIR",
+                   help="pre-training run (or folder of runs) whose probe.csv curves to plot (repeatable)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run)
 
@@ -32,7 +37,14 @@ def run(args: argparse.Namespace) -> int:
 
     if args.bootstrap < 1:
         raise ValueError(f"--bootstrap must be >= 1, got {args.bootstrap}")
-    summary = make_report(args.run_dirs, args.out, n_boot=args.bootstrap, seed=args.seed)
+    twins = {}
+    for item in args.twin:
+        method, sep, twin = item.partition("=")
+        if not sep or not method.strip() or not twin.strip():
+            raise ValueError(f"--twin {item!r}: expected METHOD=TWIN, e.g. s3d=no-fixed")
+        twins[method.strip()] = twin.strip()
+    summary = make_report(args.run_dirs, args.out, n_boot=args.bootstrap, seed=args.seed, twins=twins,
+                          probe_dirs=args.probe)
     for note in summary["notes"]:
         print(f"volssl report: note: {note}", file=sys.stderr)
     if args.json:
@@ -43,5 +55,8 @@ def run(args: argparse.Namespace) -> int:
     ranks = summary["average_rank"]["dice"]
     if ranks:
         print("average Dice rank: " + ", ".join(f"{m} {r:.2f}" for m, r in sorted(ranks.items(), key=lambda x: x[1])))
+    for r in summary["paired"]:
+        print(f"{r['method']} - {r['twin']} on {r['dataset']} (n_train {r['n_train']}, {r['n_pairs']} pairs): "
+              f"{100 * r['diff']:+.1f} Dice points [{100 * r['ci_low']:+.1f}, {100 * r['ci_high']:+.1f}]")
     print(f"wrote {summary['files']['report.md']}")
     return 0

@@ -159,10 +159,12 @@ PLANS: dict[str, PreprocessPlan] = {
     "s3d": PreprocessPlan(name="s3d"),
     # AMAES (BRAINS-45K, Yucca): RAS, 1 mm, clip at the 99th percentile, z-score, crop to the brain box
     "amaes": PreprocessPlan(name="amaes", clip_percentiles=(0.0, 99.0)),
-    # MAE-XNT (nanotomography, microscopy): native spacing, no normalisation (done per crop at
-    # training time), no crop, no clinical FOV/spacing/size rules
+    # MAE-XNT (nanotomography, microscopy): native spacing, z-score per volume (the public MAE_XNT code's
+    # volume statistics; pre-training crops are z-scored again on their own), no crop, no clinical rules.
+    # Without it fine-tuning and prediction fed raw grey values (mean ~1000, std ~190 on the phantoms) to
+    # an encoder pre-trained on z-scored crops (docs/evidence.md)
     "xnt": PreprocessPlan(
-        name="xnt", target_spacing=None, normalization="none", crop_nonzero=False,
+        name="xnt", target_spacing=None, normalization="zscore", crop_nonzero=False,
         rules=QualityRules(min_fov_mm=None, max_spacing_mm=None, min_file_bytes=None),
     ),
 }

@@ -445,7 +445,8 @@ def finetune(
         def task_loss(outputs: Any, label: torch.Tensor) -> torch.Tensor:
             return deep_supervision_loss(outputs, label_map(label))
     n_out = len(offsets) if offsets else label_map.n_classes
-    model_cfg = dataclasses.replace(base, in_channels=len(channels), out_channels=n_out)
+    model_cfg = dataclasses.replace(base, in_channels=len(channels), out_channels=n_out,
+                                    channel_fusion=cfg.channel_fusion)
     from volssl.models.registry import build_model
 
     network = build_model(model_cfg)
@@ -472,6 +473,10 @@ def finetune(
         from volssl.training.lr_decay import param_groups_lrd
 
         params = param_groups_lrd(network, cfg.optim.weight_decay, cfg.layer_decay, names=names)
+    elif cfg.encoder_lr_scale != 1.0:  # the encoder (stem included) at a fraction of the lr
+        named = [(n, p) for n, p in network.named_parameters() if n in names]
+        params = [{"params": [p for n, p in named if n.startswith("encoder.")], "lr_scale": cfg.encoder_lr_scale},
+                  {"params": [p for n, p in named if not n.startswith("encoder.")], "lr_scale": 1.0}]
     else:
         params = [p for n, p in network.named_parameters() if n in names]
     optimizer = build_optimizer(params, cfg.optim)

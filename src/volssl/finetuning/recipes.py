@@ -88,6 +88,12 @@ class FinetuneRecipe:
         layer_decay: layer-wise lr decay of a ViT encoder (:mod:`volssl.training.lr_decay`: block ``i``
             at ``layer_decay ** (L - i)`` times the lr, embeddings ``** (L + 1)``, decoder 1; biases and
             norms then get no weight decay, as in MAE); None: one lr for every parameter.
+        encoder_lr_scale: the encoder's (and stem's) lr as a fraction of the schedule's (1: one lr for
+            every parameter); protects pre-trained features from large optimiser steps.
+        channel_fusion: with several input channels, "stem" (the pre-trained single-channel stem
+            replicated over them, ``stem_init``; S3D Table 6) or "features" (the encoder runs on each
+            channel, per-stage features fused by a 1x1x1 conv initialised to their mean;
+            :mod:`volssl.models.channel_fusion`). From scratch it sets the architecture the same way.
         task: "semantic" (classes, Dice + CE) or "affinities" (instance labels -> one affinity per
             offset: ``affinity_distances`` along each axis, class-balanced MSE; MAE-XNT's axons).
         augment: spatial augmentation (images and labels); intensity: nnU-Net-like intensity augmentation.
@@ -109,6 +115,8 @@ class FinetuneRecipe:
     n_train: int | None = None
     deep_supervision: bool = True
     layer_decay: float | None = None
+    encoder_lr_scale: float = 1.0  # the encoder's lr (stem included) relative to the decoder's (CNN encoders)
+    channel_fusion: str = "stem"  # several channels: "stem" (replicated stem, Table 6) or "features" (per channel)
     task: str = "semantic"  # "semantic" (Dice + CE on classes) or "affinities" (instance labels -> affinities)
     affinity_distances: tuple[int, ...] = (1, 3, 9, 27)  # task "affinities": offsets per axis (MAE-XNT axons)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
@@ -147,6 +155,12 @@ class FinetuneRecipe:
             raise ValueError(f"{where}: optim.lr (the peak lr) must be > 0, got {self.optim.lr}")
         if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
             raise ValueError(f"{where}: layer_decay must lie in (0, 1] or be None, got {self.layer_decay}")
+        if self.channel_fusion not in ("stem", "features"):
+            raise ValueError(f"{where}: channel_fusion must be 'stem' or 'features', got {self.channel_fusion!r}")
+        if not 0.0 < self.encoder_lr_scale <= 1.0:
+            raise ValueError(f"{where}: encoder_lr_scale must lie in (0, 1], got {self.encoder_lr_scale}")
+        if self.layer_decay is not None and self.encoder_lr_scale != 1.0:
+            raise ValueError(f"{where}: set layer_decay (ViT) or encoder_lr_scale (CNN), not both")
         if self.batch_size < 1:
             raise ValueError(f"{where}: batch_size must be >= 1, got {self.batch_size}")
         if not 0.0 <= self.foreground_prob <= 1.0:
@@ -199,32 +213,66 @@ RECIPES: dict[str, Callable[[], FinetuneRecipe]] = {}
 _DECODER_WARMUP = Stage("decoder-warmup", 12_500, "decoder", "warmup")
 _WARMUP = Stage("warmup", 12_500, "all", "warmup")
 _TRAIN = Stage("train", 250_000, "all", "decay")
+#: -tiny siblings of the CNN rows on multi-channel data: each channel through the one-channel pre-trained
+#: encoder, features fused per stage (models/channel_fusion.py). The replicated stem of Table 6 feeds the
+#: mean of the channels, which the encoder never saw in pre-training: on the brain phantoms the probe of the
+#: pre-trained encoder on that image is no better than a random one's (docs/evidence.md).
+_CNN_TINY_FUSION = "features"
 _TINY_STEPS = {12_500: 25, 250_000: 250, 25_000: 250, 2_500: 250, 400: 160, 1_000: 400}  # the -tiny siblings' stage lengths
 
 
-def register_recipe(name: str) -> Callable[[Callable[[], FinetuneRecipe]], Callable[[], FinetuneRecipe]]:
-    """Decorator: register a zero-argument function returning recipe ``name`` (and its -tiny sibling)."""
+def register_recipe(name: str, tiny_channel_fusion: str = "stem"
+                    ) -> Callable[[Callable[[], FinetuneRecipe]], Callable[[], FinetuneRecipe]]:
+    """Decorator: register a zero-argument function returning recipe ``name`` (and its -tiny sibling,
+    whose ``channel_fusion`` is ``tiny_channel_fusion``)."""
 
     def deco(fn: Callable[[], FinetuneRecipe]) -> Callable[[], FinetuneRecipe]:
         for n in (name, f"{name}-tiny"):
             if n in RECIPES:
                 raise ValueError(f"fine-tuning recipe {n!r} registered twice")
         RECIPES[name] = fn
-        RECIPES[f"{name}-tiny"] = lambda: tiny(fn())
+        RECIPES[f"{name}-tiny"] = lambda: dataclasses.replace(tiny(fn()), channel_fusion=tiny_channel_fusion)
         return fn
 
     return deco
 
 
+#: the -tiny siblings' CPU optimiser: AdamW at most this peak lr (measured: docs/evidence.md)
+TINY_MAX_LR = 2e-3
+
+
+def tiny_optim(recipe: FinetuneRecipe, tiny_steps: int) -> OptimConfig:
+    """The CPU optimiser of ``recipe``'s -tiny sibling (which runs ``tiny_steps`` instead of its total).
+
+    SGD with momentum 0.99 at the papers' peak lrs does not get past predicting background in a few
+    hundred CPU steps (measured: Dice 0.000 for all 12 demo runs at 400 steps), so every -tiny recipe
+    trains with AdamW (weight decay 1e-2, clipping and schedule kept):
+
+    * SGD rows: ``2e-3 * lr / 1e-3`` (S3D's peak 1e-3 -> 2e-3, Table 2's 1e-4 row -> 2e-4), at most
+      :data:`TINY_MAX_LR` (nnU-Net's from-scratch 1e-2 -> 2e-3);
+    * AdamW rows: their lr times the step compression (real steps / tiny steps: the same integral of
+      the lr over training), at most :data:`TINY_MAX_LR` (AMAES 1e-4 x 10 -> 1e-3, MAE-XNT 1e-5 x 100
+      -> 1e-3).
+    """
+    o = recipe.optim
+    if o.name == "sgd":
+        lr = min(TINY_MAX_LR, 2e-3 * o.lr / 1e-3)
+    else:
+        lr = min(TINY_MAX_LR, o.lr * recipe.total_steps / max(1, tiny_steps))
+    return dataclasses.replace(o, name="adamw", lr=lr, weight_decay=1e-2 if o.name == "sgd" else o.weight_decay,
+                               min_lr=o.min_lr * lr / o.lr if o.lr else 0.0)
+
+
 def tiny(recipe: FinetuneRecipe) -> FinetuneRecipe:
     """The CPU sibling of ``recipe``: same stages with 25 / 250 instead of 12.5k / 250k steps, tiny
-    network and 64^3 patches when training from scratch (otherwise the checkpoint's), batch <= 2, fp32."""
+    network and 64^3 patches when training from scratch (otherwise the checkpoint's), batch <= 2, fp32,
+    the CPU optimiser of :func:`tiny_optim`."""
     stages = tuple(dataclasses.replace(s, steps=_TINY_STEPS.get(s.steps, max(1, s.steps // 1000)))
                    for s in recipe.stages)
     return dataclasses.replace(
-        recipe, stages=stages, description=recipe.description + " [tiny CPU sibling: 25/250-step stages]",
+        recipe, stages=stages, description=recipe.description + " [tiny CPU sibling: 25/250-step stages, AdamW]",
         arch=tiny_arch(recipe.arch) if recipe.arch else None, patch_size=(64, 64, 64) if recipe.patch_size else None,
-        num_workers=1, batch_size=min(recipe.batch_size, 2),
+        num_workers=1, batch_size=min(recipe.batch_size, 2), optim=tiny_optim(recipe, sum(s.steps for s in stages)),
         train=dataclasses.replace(recipe.train, precision="fp32", log_every=10, preview_every=100, checkpoint_every=50,
                                   val_every=50),
     )
@@ -301,48 +349,48 @@ def _s3d(description: str, stages: tuple[Stage, ...], lr: float = 1e-3, transfer
     return recipe
 
 
-@register_recipe("s3d")
+@register_recipe("s3d", tiny_channel_fusion=_CNN_TINY_FUSION)
 def s3d() -> FinetuneRecipe:
     return _s3d("S3D Table 2 best row: transfer encoder + decoder; decoder warm-up 12.5k (encoder and stem frozen), "
                 "whole-network warm-up 12.5k, training 250k, peak lr 1e-3, poly; multi-channel stem replicated "
                 "and frozen in the decoder warm-up (Table 6)", (_DECODER_WARMUP, _WARMUP, _TRAIN))
 
 
-@register_recipe("s3d-lr1e-2")
+@register_recipe("s3d-lr1e-2", tiny_channel_fusion=_CNN_TINY_FUSION)
 def s3d_lr1e_2() -> FinetuneRecipe:
     return _s3d("S3D Table 2: as s3d (two warm-ups) with the nnU-Net default peak lr 1e-2",
                 (_DECODER_WARMUP, _WARMUP, _TRAIN), lr=1e-2)
 
 
-@register_recipe("s3d-lr1e-4")
+@register_recipe("s3d-lr1e-4", tiny_channel_fusion=_CNN_TINY_FUSION)
 def s3d_lr1e_4() -> FinetuneRecipe:
     return _s3d("S3D Table 2: as s3d (two warm-ups) with peak lr 1e-4", (_DECODER_WARMUP, _WARMUP, _TRAIN), lr=1e-4)
 
 
-@register_recipe("s3d-one-warmup")
+@register_recipe("s3d-one-warmup", tiny_channel_fusion=_CNN_TINY_FUSION)
 def s3d_one_warmup() -> FinetuneRecipe:
     return _s3d("S3D Table 2: transfer all, one whole-network warm-up 12.5k then training 250k, peak lr 1e-3",
                 (_WARMUP, _TRAIN))
 
 
-@register_recipe("s3d-no-warmup")
+@register_recipe("s3d-no-warmup", tiny_channel_fusion=_CNN_TINY_FUSION)
 def s3d_no_warmup() -> FinetuneRecipe:
     return _s3d("S3D Table 2: transfer all, no warm-up: training 250k from peak lr 1e-3 (poly)", (_TRAIN,))
 
 
-@register_recipe("s3d-frozen-encoder")
+@register_recipe("s3d-frozen-encoder", tiny_channel_fusion=_CNN_TINY_FUSION)
 def s3d_frozen_encoder() -> FinetuneRecipe:
     return _s3d("S3D Table 2: transfer all, encoder frozen throughout: decoder warm-up 12.5k, decoder-only "
                 "training 250k, peak lr 1e-3", (_DECODER_WARMUP, dataclasses.replace(_TRAIN, trainable="decoder")))
 
 
-@register_recipe("s3d-encoder")
+@register_recipe("s3d-encoder", tiny_channel_fusion=_CNN_TINY_FUSION)
 def s3d_encoder() -> FinetuneRecipe:
     return _s3d("S3D Table 2: transfer the encoder only (new decoder); decoder warm-up 12.5k, whole-network "
                 "warm-up 12.5k, training 250k, peak lr 1e-3", (_DECODER_WARMUP, _WARMUP, _TRAIN), transfer="encoder")
 
 
-@register_recipe("scratch")
+@register_recipe("scratch", tiny_channel_fusion=_CNN_TINY_FUSION)
 def scratch() -> FinetuneRecipe:
     recipe = _s3d("'No (Fixed)': random init, the pre-training plan and patch (S3D: 1 mm, z-score, 160^3, "
                   "ResEncL), nnU-Net's from-scratch training: 250k steps, poly from lr 1e-2, no warm-up, "
@@ -352,7 +400,7 @@ def scratch() -> FinetuneRecipe:
     return recipe
 
 
-@register_recipe("scratch-s3d-schedule")
+@register_recipe("scratch-s3d-schedule", tiny_channel_fusion=_CNN_TINY_FUSION)
 def scratch_s3d_schedule() -> FinetuneRecipe:
     recipe = _s3d("random init with the s3d schedule (12.5k + 12.5k warm-up steps, 250k training, peak lr 1e-3) "
                   "and every parameter trainable in every stage: a schedule-matched control for 'No (Fixed)'",
@@ -450,14 +498,14 @@ def _amaes(description: str, transfer: str) -> FinetuneRecipe:
                           val_every=250))
 
 
-@register_recipe("amaes")
+@register_recipe("amaes", tiny_channel_fusion=_CNN_TINY_FUSION)
 def amaes() -> FinetuneRecipe:
     return _amaes("AMAES fine-tuning (Sec. 3.2, 4.2, Appendix A): transfer the pre-trained encoder, new U-Net decoder "
                   "with skips; 2500 steps, AdamW amsgrad lr 1e-4 cosine, no warm-up, batch 4, spatial augmentation "
                   "only (rotation, scaling), 20 labelled cases", transfer="encoder")
 
 
-@register_recipe("scratch-amaes-schedule")
+@register_recipe("scratch-amaes-schedule", tiny_channel_fusion=_CNN_TINY_FUSION)
 def scratch_amaes_schedule() -> FinetuneRecipe:
     recipe = _amaes("U-Net B from scratch with the amaes schedule (2500 steps, AdamW lr 1e-4 cosine, batch 4, "
                     "128^3, 20 cases) and, as the paper's from-scratch baselines, the full augmentation: AMAES "

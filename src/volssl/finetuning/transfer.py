@@ -32,6 +32,7 @@ ENCODER_PREFIX = "encoder."
 STEM_PREFIX = "encoder.stem."
 DECODER_PREFIX = "decoder."
 HEAD_PREFIX = "decoder.seg_layers."
+FUSION_PREFIX = "fusion."  # per-stage channel fusion (models/channel_fusion.py): new, trained with the decoder
 #: name fragments of tensors that exist only for pre-training (never transferred)
 PRETRAIN_ONLY = (HEAD_PREFIX, "mask_token", "densify.")
 
@@ -163,7 +164,8 @@ def trainable_names(network: nn.Module, trainable: str, train_stem: bool = False
     for name, _ in network.named_parameters():
         if unused and name.startswith(unused):
             continue
-        if trainable == "all" or name.startswith(DECODER_PREFIX) or (train_stem and name.startswith(STEM_PREFIX)):
+        if trainable == "all" or name.startswith((DECODER_PREFIX, FUSION_PREFIX)) or (
+                train_stem and name.startswith(STEM_PREFIX)):
             names.append(name)
     return names
 

@@ -70,9 +70,10 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         ),
         ArchSpec(
             "resenc-tiny",
-            "ours: CPU-sized ResEnc U-Net for tests and -tiny presets: 5 stages, total stride 16 "
-            "(64^3 patch -> 4^3 bottleneck)",
-            features=(8, 16, 32, 64, 64), blocks=(1, 1, 2, 2, 2), strides=(1, 2, 2, 2, 2),
+            "ours: CPU-sized ResEnc U-Net for tests and -tiny presets: 4 stages, total stride 8, so that the "
+            "CPU scales' 32^3 patches keep a 4^3 bottleneck (the paper's 160^3 -> 5^3) and S3D masks 64 blocks "
+            "(a stride of 16 left 2^3 = 8 blocks: a pretext task too coarse to learn from, docs/evidence.md)",
+            features=(8, 16, 32, 64), blocks=(1, 1, 2, 2), strides=(1, 2, 2, 2),
         ),
     )
 }
@@ -134,16 +135,29 @@ def resolve_widths(cfg: ModelConfig) -> tuple[tuple[int, ...], tuple[int, ...], 
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> nn.Module:
-    """Build the network described by ``cfg`` (architecture name + optional width overrides).
+    """Build the network described by ``cfg`` (architecture name + optional width overrides; with
+    ``channel_fusion="features"`` and several input channels, a one-channel network inside a
+    :class:`~volssl.models.channel_fusion.ChannelFusionNet`).
 
     ``device="meta"`` builds it without allocating parameters (for counting).
     """
+    from volssl.models.channel_fusion import FUSIONS, ChannelFusionNet
+
     spec = get_arch(cfg.arch)
     features, blocks, strides = resolve_widths(cfg)
+    if cfg.channel_fusion not in FUSIONS:
+        raise ValueError(f"model.channel_fusion must be one of {FUSIONS}, got {cfg.channel_fusion!r}")
+    fused = cfg.channel_fusion == "features" and cfg.in_channels > 1
+
+    def build() -> nn.Module:
+        net = spec.builder(1 if fused else cfg.in_channels, cfg.out_channels, features, blocks, strides,
+                           **spec.options)
+        return ChannelFusionNet(net, cfg.in_channels) if fused else net
+
     if device is None:
-        return spec.builder(cfg.in_channels, cfg.out_channels, features, blocks, strides, **spec.options)
+        return build()
     with torch.device(device):
-        return spec.builder(cfg.in_channels, cfg.out_channels, features, blocks, strides, **spec.options)
+        return build()
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:

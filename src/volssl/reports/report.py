@@ -35,7 +35,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -261,6 +261,9 @@ def make_report(
     out_dir: str | os.PathLike,
     n_boot: int = 1000,
     seed: int = 0,
+    twins: Mapping[str, str] | None = None,
+    probe_dirs: Sequence[str | os.PathLike] = (),
+    evidence_note: str = "",
 ) -> dict[str, Any]:
     """Write the report of the runs under ``run_dirs`` into ``out_dir`` (see the module docstring).
 
@@ -269,6 +272,11 @@ def make_report(
         out_dir: output folder (created).
         n_boot: bootstrap samples of the rank stability analysis.
         seed: seed of the bootstrap.
+        twins: method -> its from-scratch twin: adds the paired differences with bootstrap 95% intervals
+            (:mod:`volssl.reports.paired`; paired.csv).
+        probe_dirs: pre-training runs (or folders holding them) whose probe.csv curves are plotted
+            (probe_curves.png, probe.csv).
+        evidence_note: said next to every paired difference that is not a clear gain.
 
     Returns:
         ``{"runs": int, "methods": [...], "datasets": [...], "average_rank": {"dice": {...},
@@ -352,13 +360,30 @@ def make_report(
     _plot_low_data(out("low_data.png"), low, methods=_method_order(runs))
 
     md = _report_md(runs, table, table_md, stability, n_cases, n_boot, seed, low, notes)
+    paired_rows: list[dict[str, Any]] = []
+    if twins:
+        from volssl.reports.paired import paired_differences, paired_markdown
+
+        paired_rows = paired_differences(runs, twins, seed=seed)
+        _write_csv(out("paired.csv"), ["method", "twin", "dataset", "n_train", "n_pairs", "method_dice", "twin_dice",
+                                       "diff", "ci_low", "ci_high", "verdict"], paired_rows)
+        if paired_rows:
+            md += "\n" + paired_markdown(paired_rows, evidence_note)
+    from volssl.reports.paired import find_probe_runs, plot_probe_curves, probe_markdown, probe_summary
+
+    probe_runs = find_probe_runs(probe_dirs)
+    probe_rows = probe_summary(probe_runs)
+    if probe_rows:
+        plot_probe_curves(probe_runs, out("probe_curves.png"))
+        _write_csv(out("probe.csv"), list(probe_rows[0]), probe_rows)
+        md += "\n" + probe_markdown(probe_rows)
     if instance_runs:
         md += "\n" + _instance_section(instance_runs, out("instances.csv"))
     write_text_atomic(out("report.md"), md)
     return {
         "runs": len(runs), "methods": methods, "datasets": datasets,
         "average_rank": table["avg_rank"], "rank_stability": stability,
-        "files": {k: str(v) for k, v in files.items()}, "notes": notes,
+        "files": {k: str(v) for k, v in files.items()}, "notes": notes, "paired": paired_rows, "probe": probe_rows,
     }
 
 
