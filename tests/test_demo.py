@@ -21,8 +21,9 @@ def test_quick_demo(tmp_path):
     stages = results["stages"]
     assert stages["preprocess"]["ok"] >= 4 and stages["pretrain"]["status"] == "finished"
     assert stages["patches"]["batch_shape"][-3:] == [32, 32, 32]
-    for name in ("report.md", "table.md", "low_data.png", "rank_stability.png"):
+    for name in ("report.md", "table.md", "low_data.png", "rank_stability.png", "paired.csv", "probe_curves.png"):
         assert (tmp_path / "report" / name).exists(), name
+    assert (tmp_path / "pretrain" / "probe.png").exists()  # the representation probe ran during pre-training
     # predictions are in the original geometry of the held-out files
     import nibabel as nib
     import numpy as np

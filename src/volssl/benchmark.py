@@ -115,7 +115,7 @@ SCALES: dict[str, BenchScale] = {s.name: s for s in (
     # does pre-training pay? (docs/evidence.md) 120 unlabeled phantoms (x 3 contrasts), the recipes' own
     # -tiny fine-tuning, 5 seeds on 2 independent draws, 8 test cases per draw, the probe during pre-training
     BenchScale("evidence", True, (2.0, 2.0, 2.0), 32, 800, None, n_unlabeled=120, phantom_shape=64, n_labeled=16,
-               n_test=8, probe_every=100, seeds=(0, 1, 2, 3, 4), draws=(0, 1), n_trains=(2,)),
+               n_test=8, probe_every=200, seeds=(0, 1, 2, 3, 4), draws=(0, 1), n_trains=(2,)),
 )}
 #: said in the report next to a paired difference that is not a clear gain
 EVIDENCE_NOTE = "see docs/evidence.md for the measured cause and the scale at which a gain is expected"

@@ -6,13 +6,14 @@ The use case in miniature: many unlabeled scans, a few labeled ones.
    pre-training and a labeled dataset (training cases + held-out test cases) of other subjects;
 2. ``unlabeled_pre/``           quality filter + preprocessing with the S3D plan;
 3. patch stream                 a few batches through the multi-process loader;
-4. ``pretrain/``                tiny S3D pre-training (loss curve, preview PNGs, checkpoints);
-5. ``finetune/INIT_nN_sS/``     fine-tuning with 2 labeled cases and with all training cases of
-   fold 0, from the S3D checkpoint (recipe ``s3d-tiny``) and from scratch with the same schedule
+4. ``pretrain/``                tiny S3D pre-training (loss curve, preview PNGs, checkpoints, and the
+                                representation probe on the labeled training cases: probe.png);
+5. ``finetune/INIT_nN_sS/``     fine-tuning with 2 labeled cases of fold 0, from the S3D checkpoint (recipe ``s3d-tiny``) and from scratch with the same schedule
    (``scratch-s3d-schedule-tiny``, same stages, optimiser, network and patch), both recipes as they
    are (no demo-only setting), for 3 seeds, two runs at a time; each run then predicts the held-out
    cases in their original geometry and is evaluated (Dice, NSD);
-6. ``report/``                  tables, ranks and the low-data plot (``volssl report``);
+6. ``report/``                  tables, ranks, the paired S3D - scratch difference with its bootstrap
+                                interval and the probe curve (``volssl report``);
 7. ``results.json``             ``runs``: [{init, n_train, seed, dice, nsd}], and the comparison.
 
 Rerunning resumes: finished stages and runs are not redone.
@@ -46,8 +47,10 @@ class DemoScale:
     n_trains: tuple[int | None, ...]  # None: every training case of the fold
 
 
-FULL = DemoScale(n_unlabeled=24, n_labeled=16, n_test=4, shape=64, patch=32, pretrain_steps=400,
-                 stage_steps=None, seeds=(0, 1, 2), n_trains=(2, None))
+#: 3 seeds at 2 labelled cases: the low-data comparison the demo is about, in about 12 minutes on 2 cores
+#: (each fine-tuning run encodes the 3 channels separately: ~150 s; `n_trains=(2, None)` adds the full fold)
+FULL = DemoScale(n_unlabeled=48, n_labeled=16, n_test=4, shape=64, patch=32, pretrain_steps=400,
+                 stage_steps=None, seeds=(0, 1, 2), n_trains=(2,))
 QUICK = DemoScale(n_unlabeled=5, n_labeled=6, n_test=2, shape=56, patch=32, pretrain_steps=6,
                   stage_steps=(2, 2, 4), seeds=(0,), n_trains=(2, None))
 #: The demo works at 2 mm (the S3D plan otherwise): 8x fewer voxels than 1 mm, so that pre-training,
@@ -108,7 +111,9 @@ def run_demo(out: str | Path = "volssl_demo", quick: bool = False, seed: int = 0
     cfg = resolve("s3d-b-tiny", [f"train.steps={scale.pretrain_steps}", f"train.seed={seed}",
                                  f"data.patch_size={p},{p},{p}",
                                  f"train.preview_every={max(scale.pretrain_steps // 3, 1)}",
-                                 f"train.checkpoint_every={max(scale.pretrain_steps // 3, 1)}"])
+                                 f"train.checkpoint_every={max(scale.pretrain_steps // 3, 1)}",
+                                 f"train.probe_dataset={labeled}",
+                                 f"train.probe_every={max(scale.pretrain_steps // 4, 3)}"])
     sampler = PatchSampler(PreprocessedDataset(pre), cfg.data.patch_size, seed=seed,
                            channel_mode=cfg.data.channel_mode)
     n_batches, t = 8, time.perf_counter()
@@ -160,7 +165,7 @@ def run_demo(out: str | Path = "volssl_demo", quick: bool = False, seed: int = 0
             _say(f"  {Path(r['run']).name:<22} Dice {r['dice']:.3f}  NSD {r['nsd']:.3f}  ({r['seconds']} s)")
 
     # 6. report ---------------------------------------------------------------------------------
-    make_report([out / "finetune"], out / "report")
+    make_report([out / "finetune"], out / "report", twins={"s3d": "scratch"}, probe_dirs=[run])
     comparison = _compare(runs)
     results = {"runs": [{k: r[k] for k in ("init", "n_train", "seed", "dice", "nsd")} for r in runs],
                "comparison": comparison, "report": str(out / "report" / "report.md"),

@@ -20,7 +20,11 @@ from volssl.training.checkpoint import load_checkpoint
 from volssl.training.logging import read_scalars
 
 STEM = "encoder.stem.convs.0.conv.weight"
-SMALL = ["patch_size=32,32,32", "num_workers=0", "train.log_every=1", "train.device=cpu", "train.checkpoint_every=2"]
+# channel_fusion=stem: these tests check the paper's multi-channel rule (Table 6: the single-channel stem
+# replicated over T1/T2/FLAIR / 3, frozen in the decoder warm-up); the -tiny default, per-channel
+# features, is tested in test_transfer_equivalence.py and tests/models/test_channel_fusion.py
+SMALL = ["patch_size=32,32,32", "num_workers=0", "train.log_every=1", "train.device=cpu", "train.checkpoint_every=2",
+         "channel_fusion=stem"]
 
 
 def run(tmp, checkpoint, dataset, monkeypatch=None, stop_after=None, snapshots=None, **kw):

@@ -67,3 +67,14 @@ def test_report_shows_the_paired_section_and_the_probe_curves(tmp_path):
     assert "| s3d@brain | 45.0 | 50.0 (100) | 55.0 (200) | 55.0 (200) | +10.0 |" in md
     assert (tmp_path / "report" / "probe_curves.png").stat().st_size > 0
     assert (tmp_path / "report" / "paired.csv").read_text().startswith("method,twin,dataset")
+
+
+def test_probe_runs_of_several_draws_keep_apart(tmp_path):
+    from volssl.reports.paired import find_probe_runs
+
+    for draw in ("draw0", "draw1"):
+        run = tmp_path / draw / "pretrain" / "s3d@brain"
+        run.mkdir(parents=True)
+        (run / "probe.csv").write_text("step,probe_dice,probe_floor,seconds\n100,0.5,0.45,3\n")
+    found = find_probe_runs([tmp_path / "draw0" / "pretrain", tmp_path / "draw1" / "pretrain"])
+    assert sorted(found) == ["draw0/pretrain/s3d@brain", "draw1/pretrain/s3d@brain"]

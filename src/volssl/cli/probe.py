@@ -1,6 +1,6 @@
 """``volssl probe``: the representation probe of a pre-trained encoder (training/probe.py).
 
-    volssl probe --checkpoint RUN_OR_PT --dataset LABELLED [--n-train 2 --n-eval 4] [--json]
+    volssl probe --checkpoint RUN_OR_PT --dataset LABELLED [--n-train 4 --n-eval 8] [--seed S] [--json]
 
 Freezes the checkpoint's encoder, fits a linear 1x1x1 head on its multi-scale features of a few
 labelled cases and prints the Dice on other labelled cases, next to the same probe on the randomly
@@ -23,8 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", required=True, help="labelled dataset: nnU-Net v2 raw, or preprocessed with the "
                                                     "checkpoint's plan")
     p.add_argument("--work", default=None, help="where a raw dataset is preprocessed (default: RUN/probe_data)")
-    p.add_argument("--n-train", type=int, default=2, help="cases the head is fitted on (default 2)")
-    p.add_argument("--n-eval", type=int, default=4, help="other cases it is scored on (default 4)")
+    p.add_argument("--n-train", type=int, default=4, help="cases the head is fitted on (default 4)")
+    p.add_argument("--n-eval", type=int, default=8, help="other cases it is scored on (default 8)")
     p.add_argument("--patches-per-case", type=int, default=4, help="patches per case (default 4)")
     p.add_argument("--steps", type=int, default=200, help="Adam steps of the head (default 200)")
     p.add_argument("--seed", type=int, default=0, help="probe seed: cases, patches, head (default 0)")

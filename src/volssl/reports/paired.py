@@ -86,17 +86,20 @@ def paired_markdown(rows: Sequence[Mapping[str, Any]], evidence_note: str = "") 
 
 # --------------------------------------------------------------------------- probe curves
 def find_probe_runs(dirs: Sequence[str | os.PathLike]) -> dict[str, Path]:
-    """``{run name: probe.csv}`` of every pre-training run under ``dirs`` that holds a probe.csv."""
-    found: dict[str, Path] = {}
+    """``{run name: probe.csv}`` of every pre-training run under ``dirs`` that holds a probe.csv; a run is
+    named by its folder, with as many parent folders as it takes to tell runs apart (``draw1/pretrain/s3d``)."""
+    files: list[Path] = []
     for d in dirs:
         d = Path(d)
-        if not d.exists():
-            continue
-        for f in sorted([d / "probe.csv"] if (d / "probe.csv").is_file() else d.rglob("probe.csv")):
-            name = f.parent.name if f.parent.parent == d or f.parent == d else \
-                f"{f.parent.parent.name}/{f.parent.name}"
-            found[name] = f
-    return found
+        if d.exists():
+            files += sorted([d / "probe.csv"] if (d / "probe.csv").is_file() else d.rglob("probe.csv"))
+    files = list(dict.fromkeys(f.resolve() for f in files))
+    depth = 1
+    while True:
+        names = ["/".join(f.parent.parts[-depth:]) for f in files]
+        if len(set(names)) == len(names) or depth >= max((len(f.parent.parts) for f in files), default=1):
+            return dict(zip(names, files))
+        depth += 1
 
 
 def probe_summary(probe_runs: Mapping[str, Path]) -> list[dict[str, Any]]:
