@@ -53,6 +53,24 @@ def test_item_is_pure_function_of_seed_and_index(ds):
     assert _same(s1[4], forward[4])
 
 
+def test_stream_does_not_depend_on_the_manifest_order(ds, tmp_path):
+    """Parallel preprocessing appends manifest rows in the order its workers finish (a fresh demo run gave
+    brain_001, brain_000, ... once and brain_000, brain_001, ... the next time): the stream must not care."""
+    import shutil
+
+    from volssl.data.dataset import PreprocessedDataset
+
+    copy = tmp_path / "copy"
+    shutil.copytree(ds.root, copy)
+    for f in sorted((copy / "manifest").glob("*.jsonl")):
+        lines = f.read_text().splitlines(keepends=True)
+        f.write_text("".join(reversed(lines)))
+    flipped = PreprocessedDataset(copy)
+    assert [r.id for r in flipped.cases] == sorted(r.id for r in flipped.cases) == [r.id for r in ds.cases]
+    a, b = PatchSampler(ds, PATCH, seed=5), PatchSampler(flipped, PATCH, seed=5)
+    assert all(a[k]["case"] == b[k]["case"] and torch.equal(a[k]["image"], b[k]["image"]) for k in range(8))
+
+
 def test_different_seeds_differ(ds):
     a = [PatchSampler(ds, PATCH, seed=1)[k] for k in range(6)]
     b = [PatchSampler(ds, PATCH, seed=2)[k] for k in range(6)]

@@ -42,7 +42,9 @@ class PreprocessedDataset:
 
     @cached_property
     def cases(self) -> list[CaseRecord]:
-        return [r for r in self.records.values() if r.ok]
+        """The usable records sorted by case id: the manifest lists cases in the order parallel workers
+        finished them, which changes from run to run, and every patch stream indexes this list."""
+        return [r for _, r in sorted(self.records.items()) if r.ok]
 
     def __len__(self) -> int:
         return len(self.cases)
