@@ -18,9 +18,12 @@ an interrupted one continues from its latest checkpoint. Cells run ``workers`` a
 processes, one CPU thread each).
 
 Scales (:class:`BenchScale`): ``tiny`` (the demo scale: 64^3 phantoms at 2 mm, 32^3 patches, the
-presets' ``-tiny`` siblings, a few hundred steps; fits 2 CPU cores) and ``quick`` (CI: a handful of
+presets' ``-tiny`` siblings, a few hundred steps; fits 2 CPU cores), ``evidence`` (does pre-training
+pay? 120 unlabeled phantoms, the recipes' own ``-tiny`` fine-tuning, 5 seeds on 2 independent draws,
+the representation probe during pre-training; docs/evidence.md) and ``quick`` (CI: a handful of
 steps, numbers meaningless). Real-scale presets run with ``scale="full"`` (the presets' own patch,
-steps and recipes, on a GPU).
+steps and recipes, on a GPU). Each arm names its from-scratch ``twin``; the report pairs their runs
+(same draw, dataset, n_train and seed) and gives the difference with a bootstrap 95% interval.
 """
 from __future__ import annotations
 
