@@ -68,3 +68,32 @@ def test_a_failing_cell_is_reported_not_raised(tmp_path):
            "test_images": str(tmp_path), "test_labels": str(tmp_path)}
     r = safe_cell(job)
     assert "error" in r and "missing" in r["error"] and r["method"] == "s3d"
+
+
+@pytest.mark.slow
+def test_draws_run_apart_and_one_report_pairs_each_method_with_its_twin(tmp_path):
+    out = tmp_path / "bench"
+    result = run_benchmark(out, ["s3d", "no-fixed"], ["brain"], n_trains=[2], seeds=[0], scale="quick",
+                           workers=1, draws=[0, 1])
+    assert sorted(result["draws"]) == ["0", "1"] and result["failed"] == 0
+    for k in (0, 1):  # each draw its own phantoms, pool and pre-training
+        assert (out / f"draw{k}" / "pretrain" / "s3d@brain" / "checkpoints" / "final.pt").is_file()
+    a = (out / "draw0" / "datasets" / "brain" / "imagesTr").iterdir()
+    first = sorted(a)[0]
+    assert first.read_bytes() != (out / "draw1" / "datasets" / "brain" / "imagesTr" / first.name).read_bytes()
+    paired = result["paired"]
+    assert len(paired) == 1 and paired[0]["method"] == "s3d" and paired[0]["twin"] == "no-fixed"
+    assert paired[0]["n_pairs"] == 2  # one seed on each of the two draws
+    md = (out / "report" / "report.md").read_text()
+    assert "from-scratch twin (paired)" in md and "docs/evidence.md" in md or paired[0]["verdict"] == "gain"
+    assert json.loads((out / "benchmark.json").read_text())["report"].endswith("report.md")
+
+
+def test_evidence_scale_meets_the_issue_sizes():
+    from volssl.benchmark import SCALES, twins_of
+
+    sc = SCALES["evidence"]
+    assert sc.n_unlabeled >= 100 and len(sc.seeds) >= 5 and len(sc.draws) >= 2 and min(sc.n_trains) <= 2
+    assert sc.finetune_steps is None and sc.probe_every  # the recipes' own fine-tuning, the probe on
+    assert twins_of(["s3d", "no-fixed", "amaes-unet", "scratch-unet", "mae-xnt"]) == {
+        "s3d": "no-fixed", "amaes-unet": "scratch-unet"}  # mae-xnt's twin is not in the list
