@@ -110,7 +110,6 @@ class BenchScale:
     n_trains: tuple[int | None, ...] = (2,)  # default labelled training cases per cell
 
 
-
 SCALES: dict[str, BenchScale] = {s.name: s for s in (
     BenchScale("tiny", True, (2.0, 2.0, 2.0), 32, 400, 400),
     BenchScale("quick", True, (2.0, 2.0, 2.0), 32, 4, 6, n_unlabeled=4, phantom_shape=48, n_labeled=5, n_test=2),

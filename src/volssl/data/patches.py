@@ -96,14 +96,24 @@ def zscore_crop(patch: np.ndarray, eps: float = 1e-8, inplace: bool = False) -> 
         out = np.array(patch, dtype=np.float32, order="C")
     for c in range(out.shape[0]):
         x = out[c]
-        mean = float(x.mean(dtype=np.float64))
-        std = float(x.std(dtype=np.float64))
-        if not np.isfinite(std) or std <= max(eps, 1e-7 * abs(mean)):
-            x[...] = 0.0
-        else:
-            x -= np.float32(mean)
-            x *= np.float32(1.0 / std)
+        zscore_with(x, float(x.mean(dtype=np.float64)), float(x.std(dtype=np.float64)), eps)
     return out
+
+
+def zscore_with(patch: np.ndarray, mean: float, std: float, eps: float = 1e-8) -> np.ndarray:
+    """Normalise a C-contiguous float32 patch in place as ``(x - mean) / std`` (fixed statistics).
+
+    ``std`` at most ``eps`` (or ``1e-7 * |mean|``, float32 resolution) or not finite: the patch
+    becomes zeros (never NaN), as :func:`zscore_crop` does for a constant crop. Returns ``patch``.
+    """
+    if patch.dtype != np.float32 or not patch.flags.c_contiguous or not patch.flags.writeable:
+        raise ValueError(f"zscore_with: patch must be a writeable C-contiguous float32 array, got {patch.dtype}")
+    if not (np.isfinite(std) and np.isfinite(mean)) or std <= max(eps, 1e-7 * abs(mean)):
+        patch[...] = 0.0
+    else:
+        patch -= np.float32(mean)
+        patch *= np.float32(1.0 / std)
+    return patch
 
 
 class _LRU:

@@ -186,6 +186,18 @@ def labelled_plan(plan: dict[str, Any]) -> PreprocessPlan:
     return fixed
 
 
+#: plan fields that change the preprocessed arrays (data preprocessed for one plan serves another only if equal)
+ARRAY_PLAN_KEYS = ("target_spacing", "clip_percentiles", "normalization", "crop_nonzero", "anisotropy_threshold",
+                   "label_interpolation", "ct_intensities")
+
+
+def plan_differences(found: dict[str, Any], wanted: dict[str, Any]) -> str:
+    """An empty string when plans ``found`` and ``wanted`` make the same arrays (:data:`ARRAY_PLAN_KEYS`),
+    else the differing fields as ``"key: <found> here, <wanted> wanted; ..."``."""
+    a, b = PreprocessPlan.from_dict(found).to_dict(), PreprocessPlan.from_dict(wanted).to_dict()
+    return "; ".join(f"{k}: {a.get(k)!r} here, {b.get(k)!r} wanted" for k in ARRAY_PLAN_KEYS if a.get(k) != b.get(k))
+
+
 @dataclass
 class PreprocessSummary:
     """Outcome of one shard's run. Counts are over this shard's cases (finished earlier included)."""

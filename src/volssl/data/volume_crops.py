@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from volssl.data.cube_symmetries import N_SYMMETRIES, apply_symmetry, source_shape
-from volssl.data.patches import SAMPLING_MODES, _LRU, PatchStream, _patch_size, zscore_crop
+from volssl.data.patches import SAMPLING_MODES, _LRU, PatchStream, _patch_size, zscore_crop, zscore_with
 from volssl.data.readers import (
     TIFF_SUFFIXES, ZARR_SUFFIXES, VolumeError, _strip_suffix, discover, sanitize_id, volume_suffix,
 )
@@ -453,23 +453,6 @@ def volume_stats(volume: CropVolume, array: Any, max_voxels: int = STATS_MAX_VOX
         m2 += m2_b + delta * delta * count * n_b / total
         count = total
     return mean, float(np.sqrt(m2 / count)) if count else 0.0
-
-
-def zscore_with(patch: np.ndarray, mean: float, std: float, eps: float = 1e-8) -> np.ndarray:
-    """Normalise a C-contiguous float32 patch in place as ``(x - mean) / std`` (fixed statistics).
-
-    ``std`` at most ``eps`` (or ``1e-7 * |mean|``, float32 resolution) or not finite: the patch
-    becomes zeros (never NaN), as :func:`~volssl.data.patches.zscore_crop` does for a constant crop.
-    Returns ``patch``.
-    """
-    if patch.dtype != np.float32 or not patch.flags.c_contiguous or not patch.flags.writeable:
-        raise ValueError(f"zscore_with: patch must be a writeable C-contiguous float32 array, got {patch.dtype}")
-    if not (np.isfinite(std) and np.isfinite(mean)) or std <= max(eps, 1e-7 * abs(mean)):
-        patch[...] = 0.0
-    else:
-        patch -= np.float32(mean)
-        patch *= np.float32(1.0 / std)
-    return patch
 
 
 # ----------------------------------------------------------------------------------------------

@@ -65,9 +65,6 @@ from volssl.util.atomic import write_json_atomic
 
 PRETRAIN_CHECKPOINTS = ("final.pt", "latest.pt")
 SOURCE_KINDS = ("pretrain", "import")
-#: plan fields that change the preprocessed arrays (a preprocessed dataset must match them)
-ARRAY_PLAN_KEYS = ("target_spacing", "clip_percentiles", "normalization", "crop_nonzero", "anisotropy_threshold",
-                   "label_interpolation", "ct_intensities")
 #: configuration keys that may change when a run is resumed
 FINETUNE_MUTABLE = {f"recipe.{k}" for k in RESUME_MUTABLE if k.startswith("train.")} | {
     "recipe.description", "recipe.num_workers"}
@@ -150,21 +147,13 @@ def _locked(folder: Path) -> Iterator[None]:
         yield
 
 
-def finetune_plan(plan: dict[str, Any]):
-    """The plan for labelled data of a pre-training plan dict (:func:`volssl.data.preprocess.labelled_plan`)."""
-    from volssl.data.preprocess import labelled_plan
-
-    return labelled_plan(plan)
-
-
 def check_plan(found: dict[str, Any], wanted: dict[str, Any], where: str) -> None:
-    """ValueError unless ``found`` preprocesses arrays as ``wanted`` does (:data:`ARRAY_PLAN_KEYS`)."""
-    from volssl.data.preprocess import PreprocessPlan
+    """ValueError unless ``found`` preprocesses arrays as ``wanted`` does
+    (:data:`volssl.data.preprocess.ARRAY_PLAN_KEYS`)."""
+    from volssl.data.preprocess import plan_differences
 
-    a, b = PreprocessPlan.from_dict(found).to_dict(), PreprocessPlan.from_dict(wanted).to_dict()
-    diff = [k for k in ARRAY_PLAN_KEYS if a.get(k) != b.get(k)]
-    if diff:
-        detail = "; ".join(f"{k}: {a.get(k)!r} here, {b.get(k)!r} wanted" for k in diff)
+    detail = plan_differences(found, wanted)
+    if detail:
         raise ValueError(f"{where} was preprocessed with another plan ({detail}); fine-tuning uses the "
                          "checkpoint's plan (the paper's fixed setting): pass the raw nnU-Net dataset instead")
 
@@ -203,7 +192,7 @@ def prepare_dataset(dataset: str | os.PathLike, plan: dict[str, Any], out: Path,
     ``dataset``: an nnU-Net v2 raw dataset (preprocessed here with ``plan``, rank 0 only, under a
     lock) or a preprocessed one (checked against ``plan`` when ``check``).
     """
-    from volssl.data.preprocess import preprocess
+    from volssl.data.preprocess import labelled_plan, preprocess
     from volssl.data.readers import is_nnunet_dataset
 
     info = info or D.DistInfo()
@@ -224,7 +213,7 @@ def prepare_dataset(dataset: str | os.PathLike, plan: dict[str, Any], out: Path,
                 check_plan(json.loads((root / "plan.json").read_text()), plan, str(root))
             _say(f"preprocessing {src} with the {plan.get('name', '?')!r} plan -> {root} (cases already there "
                  "are skipped)", info)
-            summary = preprocess(src, root, plan=finetune_plan(plan), workers=workers, progress=progress)
+            summary = preprocess(src, root, plan=labelled_plan(plan), workers=workers, progress=progress)
             if summary.n_excluded:
                 _say(f"{summary.n_excluded} case(s) excluded (unreadable or inconsistent); see {summary.report}", info)
             meta = json.loads((src / "dataset.json").read_text())

@@ -365,7 +365,7 @@ def prepare_probe_data(dataset: str | os.PathLike, plan: Mapping[str, Any] | Non
     ``dataset`` preprocessed with ``plan`` into ``out`` (cases already there are kept)."""
     import json
 
-    from volssl.data.preprocess import PreprocessPlan, labelled_plan, preprocess
+    from volssl.data.preprocess import labelled_plan, plan_differences, preprocess
     from volssl.data.readers import is_nnunet_dataset
     from volssl.util.atomic import write_json_atomic
 
@@ -373,13 +373,10 @@ def prepare_probe_data(dataset: str | os.PathLike, plan: Mapping[str, Any] | Non
     if not src.exists():
         raise FileNotFoundError(f"probe dataset not found: {src}")
     if (src / "plan.json").is_file():
-        if plan is not None:
-            found = PreprocessPlan.from_dict(json.loads((src / "plan.json").read_text())).to_dict()
-            wanted = PreprocessPlan.from_dict(dict(plan)).to_dict()
-            diff = [k for k in ("target_spacing", "normalization", "clip_percentiles") if found.get(k) != wanted.get(k)]
-            if diff:
-                raise ValueError(f"probe dataset {src} was preprocessed with another plan ({', '.join(diff)} differ "
-                                 "from the pre-training data's); pass the raw nnU-Net dataset instead")
+        detail = plan_differences(json.loads((src / "plan.json").read_text()), dict(plan)) if plan is not None else ""
+        if detail:
+            raise ValueError(f"probe dataset {src} was preprocessed with another plan than the pre-training data "
+                             f"({detail}); pass the raw nnU-Net dataset instead")
         return src.resolve()
     if not is_nnunet_dataset(src):
         raise ValueError(f"probe dataset {src} is neither an nnU-Net v2 raw dataset (dataset.json + imagesTr) nor a "

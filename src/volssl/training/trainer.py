@@ -595,9 +595,9 @@ def _probe_hook(cfg: RunConfig, plan: dict | None, out_dir: str | os.PathLike, m
     it scores ``method.transfer_state_dict()``, appends ``RUN/probe.csv`` and redraws ``RUN/probe.png``.
     Built on rank 0 only; ``train.probe_every`` 0 means ``train.steps // 10``."""
     tc = cfg.train
-    every = int(tc.probe_every) if tc.probe_every > 0 else max(1, tc.steps // 10)
     if tc.probe_every < 0:
         raise ValueError(f"train.probe_every must be >= 0, got {tc.probe_every}")
+    every = int(tc.probe_every) if tc.probe_every > 0 else max(1, tc.steps // 10)
     if not info.is_main:
         return None, every
     from volssl.training.probe import Probe, append_probe_row, plot_probe, prepare_probe_data, read_probe_csv
