@@ -97,3 +97,19 @@ def test_evidence_scale_meets_the_issue_sizes():
     assert sc.finetune_steps is None and sc.probe_every  # the recipes' own fine-tuning, the probe on
     assert twins_of(["s3d", "no-fixed", "amaes-unet", "scratch-unet", "mae-xnt"]) == {
         "s3d": "no-fixed", "amaes-unet": "scratch-unet"}  # mae-xnt's twin is not in the list
+
+
+def test_a_phantom_name_is_not_mistaken_for_a_same_named_folder(tmp_path, monkeypatch):
+    # `volssl benchmark --datasets nuclei --out nuclei` run from the out folder's parent: the folder
+    # "nuclei" (the benchmark's own output, no dataset.json) must not be taken for the dataset, which
+    # once made a nuclei benchmark pre-train on a brain pool
+    from volssl.benchmark import SCALES, _labeled_dataset
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "nuclei").mkdir()
+    info = _labeled_dataset("nuclei", tmp_path / "out", SCALES["quick"], seed=0)
+    assert info["domain"] == "xnt" and info["raw"] == (tmp_path / "out" / "datasets" / "nuclei").resolve()
+    # a folder that is not a phantom name and has no dataset.json is refused with its path
+    (tmp_path / "mydata").mkdir()
+    with pytest.raises(ValueError, match="mydata has no dataset.json"):
+        _labeled_dataset("mydata", tmp_path / "out", SCALES["quick"], seed=0)

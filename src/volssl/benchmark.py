@@ -451,13 +451,17 @@ def _labeled_dataset(name: str, out: Path, sc: BenchScale, seed: int) -> dict[st
     """A labeled dataset: a folder, or a phantom task generated into ``out/datasets/<name>``."""
     from volssl.data import phantoms
 
+    tasks = phantoms.PHANTOM_TASKS
     path = Path(name).expanduser()
-    if path.exists():
-        meta = json.loads((path / "dataset.json").read_text()) if (path / "dataset.json").is_file() else {}
+    # a folder is a dataset; a phantom name is one even when a folder of that name (say, the --out of a
+    # benchmark run from its parent) sits in the working directory without a dataset.json
+    if path.is_dir() and ((path / "dataset.json").is_file() or name not in {*phantoms.PHANTOM_KINDS, *tasks}):
+        if not (path / "dataset.json").is_file():
+            raise ValueError(f"dataset folder {path} has no dataset.json (an nnU-Net v2 raw dataset needs one)")
+        meta = json.loads((path / "dataset.json").read_text())
         kind = (meta.get("volssl_phantoms") or {}).get("kind", "brain")
         return {"raw": path.resolve(), "domain": DOMAINS.get(kind, "brain"),
                 "task": "affinities" if meta.get("instance_labels") else "semantic"}
-    tasks = phantoms.PHANTOM_TASKS
     if name not in phantoms.PHANTOM_KINDS and name not in tasks:
         raise ValueError(f"dataset {name!r} is neither a folder nor a phantom kind or task "
                          f"({', '.join([*phantoms.PHANTOM_KINDS, *tasks])})")
