@@ -156,6 +156,7 @@ def run_cell(job: dict[str, Any]) -> dict[str, Any]:
 
     from volssl.evaluation.evaluate import evaluate_folder
     from volssl.finetuning.finetune import finetune
+    from volssl.training.trainer import resume_or_start_over
     from volssl.inference.predict import predict_folder
 
     if job.get("threads"):
@@ -166,11 +167,11 @@ def run_cell(job: dict[str, Any]) -> dict[str, Any]:
     instances = job.get("task") == "affinities"
     if not metrics.exists():
         n_train = job["n_train"]
-        finetune(job["checkpoint"], job["dataset"], run, recipe=job["recipe"],
+        resume_or_start_over(finetune, job["checkpoint"], job["dataset"], run, recipe=job["recipe"],
                  n_train=n_train if isinstance(n_train, int) else None,
                  fraction=n_train if isinstance(n_train, float) else None,
                  seed=job["seed"], overrides=job["overrides"], stage_steps=job.get("stage_steps"),
-                 method_name=job["method"], progress=False, resume=True)
+                 method_name=job["method"], progress=False)
         if instances:  # affinities -> instances at every threshold; metrics.json = the first threshold's
             from volssl.inference.instances import predict_instances_folder
 
@@ -510,7 +511,7 @@ def _pretrain(arm: Arm, domain: str, out: Path, sc: BenchScale, seed: int, unlab
     scale's ``probe_every``, the representation probe runs on ``probe_dataset`` during pre-training."""
     from volssl.config import resolve
     from volssl.data.preprocess import preprocess
-    from volssl.training.trainer import pretrain
+    from volssl.training.trainer import pretrain, resume_or_start_over
 
     run = out / "pretrain" / f"{arm.name}@{domain}"
     final = run / "checkpoints" / "final.pt"
@@ -532,7 +533,7 @@ def _pretrain(arm: Arm, domain: str, out: Path, sc: BenchScale, seed: int, unlab
     cfg = resolve(_tiny(arm.preset, sc), overrides)
     _say(f"pre-training {arm.name} ({cfg.preset}: {cfg.model.arch}, {tuple(cfg.data.patch_size)}, "
          f"{cfg.train.steps} steps) on the {domain} pool -> {run}")
-    res = pretrain(cfg, pre, run, resume=True, progress=False)
+    res = resume_or_start_over(pretrain, cfg, pre, run, progress=False)
     _say(f"  {arm.name}: {res.get('status')} at step {res.get('step')}, loss EMA {res.get('loss_ema')}")
     if res.get("status") != "finished":
         raise RuntimeError(f"pre-training {arm.name} stopped at step {res.get('step')} ({res.get('signal')})")

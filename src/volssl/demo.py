@@ -78,7 +78,7 @@ def run_demo(out: str | Path = "volssl_demo", quick: bool = False, seed: int = 0
     from volssl.finetuning.finetune import prepare_dataset
     from volssl.reports.report import make_report
     from volssl.training.checkpoint import load_checkpoint
-    from volssl.training.trainer import pretrain
+    from volssl.training.trainer import pretrain, resume_or_start_over
 
     scale = QUICK if quick else FULL
     out = Path(out)
@@ -128,7 +128,7 @@ def run_demo(out: str | Path = "volssl_demo", quick: bool = False, seed: int = 0
     # 4. S3D pre-training ---------------------------------------------------------------------
     run = out / "pretrain"
     _say(f"pre-training S3D ({cfg.preset}: {cfg.model.arch}, {p}^3, {scale.pretrain_steps} steps) -> {run}")
-    res = pretrain(cfg, pre, run, resume=True)
+    res = resume_or_start_over(pretrain, cfg, pre, run)
     previews = sorted((run / "previews").glob("*.png"))
     summary["stages"]["pretrain"] = {"dir": str(run), "status": res.get("status"), "step": res.get("step"),
                                      "loss_ema": res.get("loss_ema"),

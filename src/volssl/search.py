@@ -155,6 +155,7 @@ def run_trial(space: SearchSpace, params: dict[str, float], checkpoint: str | No
     """Fine-tune with ``params``, predict and score the validation cases; ``{"value", "threshold", "run"}``."""
     from volssl.evaluation.evaluate import evaluate_folder
     from volssl.finetuning.finetune import finetune
+    from volssl.training.trainer import resume_or_start_over
     from volssl.inference.predict import predict_folder
 
     extra, stages = trial_overrides(space, params, steps_per_hour)
@@ -162,9 +163,9 @@ def run_trial(space: SearchSpace, params: dict[str, float], checkpoint: str | No
     score_file = run / "trial.json"
     if score_file.exists():
         return json.loads(score_file.read_text())
-    finetune(checkpoint, dataset, run, recipe=space.recipe, n_train=n_train,
+    resume_or_start_over(finetune, checkpoint, dataset, run, recipe=space.recipe, n_train=n_train,
              fraction=None if n_train else space.fraction, seed=seed, overrides=[*overrides, *extra],
-             stage_steps=stages, progress=progress, resume=True)
+             stage_steps=stages, progress=progress)
     images, labels = _val_folders(run, run / "validation")
     if space.metric == "dice":
         predict_folder(run, images, run / "validation" / "predictions", mirror_axes=(), progress=progress,

@@ -5,6 +5,7 @@
                     [--n-train N | --fraction F] [--seed S] [--preprocessed-dir DIR] [--set key=value ...]
     volssl finetune --checkpoint none --recipe scratch --dataset DATASET --out FT      # "No (Fixed)"
     volssl finetune ... --resume                      # continue FT (same arguments)
+    volssl finetune ... --overwrite                   # replace the run in FT
 
 SIGTERM / SIGUSR1 save ``FT/checkpoints/latest.pt`` and exit 0; rerun with ``--resume``.
 """
@@ -61,7 +62,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="length of each stage of the recipe, in order (e.g. 200,200,4000)")
     p.add_argument("--method-name", default=None,
                    help="'method' recorded in run.json (default: the pre-training method [+ recipe])")
-    p.add_argument("--resume", action="store_true", help="continue FT/checkpoints/latest.pt")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue FT/checkpoints/latest.pt, else the run's newest intact checkpoint (with a "
+                            "warning); refuses when none is intact; an empty FT starts afresh")
+    again.add_argument("--overwrite", action="store_true",
+                       help="replace the run already in FT (its checkpoints, scalars.csv, tb/); without it, "
+                            "finetune refuses to start over an existing run")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     add_set_argument(p)
@@ -75,7 +82,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     from volssl.finetuning.finetune import finetune
     from volssl.training import distributed
+    from volssl.util.paths import check_output_dir
 
+    check_output_dir(args.out, "run folder")  # before any work (loading the checkpoint, preprocessing)
     scratch = str(args.checkpoint).lower() == "none"
     recipe = args.recipe or ("scratch" if scratch else "s3d")
     overrides = list(args.overrides)
@@ -89,7 +98,8 @@ def _run(args: argparse.Namespace) -> int:
                            fold=args.fold, n_train=args.n_train, fraction=args.fraction, seed=args.seed,
                            preprocessed_dir=args.preprocessed_dir, overrides=overrides,
                            progress=not args.no_progress, resume=args.resume, split_seed=args.split_seed,
-                           stage_steps=args.stage_steps, method_name=args.method_name, workers=args.workers)
+                           stage_steps=args.stage_steps, method_name=args.method_name, workers=args.workers,
+                           overwrite=args.overwrite)
     finally:
         distributed.cleanup()
     if int(os.environ.get("RANK", "0") or 0) != 0:

@@ -2,6 +2,7 @@
 
     volssl pretrain --method s3d --preset s3d-b --data PREPROCESSED --out RUN [--set key=value ...]
     volssl pretrain --data PREPROCESSED --out RUN --resume          # continue RUN (its config.json)
+    volssl pretrain ... --out RUN --overwrite                       # replace the run in RUN
     torchrun --nproc_per_node 4 -m volssl pretrain ...              # data parallel (global batch split)
 
 SIGTERM / SIGUSR1 save ``RUN/checkpoints/latest.pt`` and exit 0; rerun with ``--resume``.
@@ -28,8 +29,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", help="a preset name (see `volssl presets`); optional with --resume")
     p.add_argument("--data", required=True, help="preprocessed dataset directory (with plan.json)")
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from RUN/checkpoints/latest.pt (starts afresh if there is none)")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue from RUN/checkpoints/latest.pt, else from the run's newest intact checkpoint "
+                            "(with a warning); refuses when none is intact; an empty RUN starts afresh")
+    again.add_argument("--overwrite", action="store_true",
+                       help="replace the run already in RUN (its checkpoints, scalars.csv, tb/, previews/); "
+                            "without it, pretrain refuses to start over an existing run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_set_argument(p)
     p.set_defaults(func=_run)
@@ -60,10 +66,13 @@ def resolve_run_config(args: argparse.Namespace):
 def _run(args: argparse.Namespace) -> int:
     from volssl.training import distributed
     from volssl.training.trainer import pretrain
+    from volssl.util.paths import check_output_dir
 
+    check_output_dir(args.out, "run folder")  # before any work
     cfg = resolve_run_config(args)
     try:
-        summary = pretrain(cfg, args.data, args.out, resume=args.resume, progress=not args.no_progress)
+        summary = pretrain(cfg, args.data, args.out, resume=args.resume, progress=not args.no_progress,
+                           overwrite=args.overwrite)
     finally:
         distributed.cleanup()
     if int(os.environ.get("RANK", "0") or 0) == 0:  # torchrun: rank 0 reports

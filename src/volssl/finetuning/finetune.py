@@ -320,6 +320,7 @@ def finetune(
     stage_steps: Sequence[int] | None = None,
     method_name: str | None = None,
     workers: int = 1,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune ``checkpoint`` on ``dataset`` with ``recipe``, writing the run to ``out``.
 
@@ -338,12 +339,14 @@ def finetune(
         overrides: ``key=value`` recipe overrides (``optim.lr=1e-2``, ``stages.2.steps=1000``, ``plan=amaes``,
             ``arch=resenc-s``, ``train.device=cuda``, ...).
         progress: progress bars on stderr.
-        resume: continue ``out/checkpoints/latest.pt`` (same arguments required).
+        resume: continue ``out/checkpoints/latest.pt``, else the newest intact checkpoint of the run (same
+            arguments required; see :func:`volssl.training.trainer.open_run`).
         split_seed, n_folds: the folds (the same for every method and seed by default).
         stage_steps: the length of each stage, in order (instead of ``stages.K.steps`` overrides).
         method_name: the ``method`` of run.json (default: the pre-training method, plus the recipe
             when it is not ``s3d``; the recipe name from scratch).
         workers: preprocessing processes.
+        overwrite: (without ``resume``) replace a run already in ``out``; without it that is an error.
 
     Returns:
         the loop's summary (:func:`volssl.training.trainer.run_loop`) plus ``run_json``, ``splits``,
@@ -372,7 +375,8 @@ def finetune(
     config = {"recipe": config_to_dict(cfg), "checkpoint": source.path if source else None,
               "dataset": str(Path(dataset).expanduser().resolve()), "fold": int(fold), "n_train": n_train,
               "fraction": fraction, "split_seed": int(split_seed), "n_folds": int(n_folds)}
-    state = open_run(out, config, resume, info, name="finetune", mutable=FINETUNE_MUTABLE)
+    state = open_run(out, config, resume, info, name="finetune", mutable=FINETUNE_MUTABLE, overwrite=overwrite,
+                     state_key="network")
 
     # ---- data -----------------------------------------------------------------------------
     from volssl.data.preprocess import get_plan

@@ -48,7 +48,7 @@ import torch
 from volssl.config import RunConfig, TrainConfig, config_from_dict, config_to_dict
 from volssl.training import distributed as D
 from volssl.training.augment import spatial_augment
-from volssl.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from volssl.training.checkpoint import TAGS, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from volssl.training.logging import ScalarLogger, save_preview
 from volssl.training.optim import StepSchedule, build_optimizer, clip_gradients
 from volssl.util.atomic import write_json_atomic
@@ -211,29 +211,184 @@ def check_train_config(tc: TrainConfig) -> None:
         raise ValueError(f"train.val_every must be >= 0, got {tc.val_every}")
 
 
-def open_run(out: str | os.PathLike, config: dict[str, Any], resume: bool, info: D.DistInfo,
-             name: str = "pretrain", mutable: Iterable[str] = RESUME_MUTABLE) -> dict[str, Any] | None:
-    """The checkpoint a run in ``out`` continues from, or None for a new run.
+#: what a checkpoint must hold for a run to continue from it (with the module state, ``state_key``)
+RESUME_KEYS = ("optimizer", "scheduler", "scaler", "rng", "step")
+#: a run's own outputs in its folder: what ``overwrite`` removes (caches such as ``preprocessed/`` stay)
+RUN_OUTPUTS = ("checkpoints", "scalars.csv", "tb", "previews", "summary.json", "STOPPED.json", "probe.csv",
+               "probe.png")
 
-    ``resume``: load ``out/checkpoints/latest.pt`` (None if there is none) and check that its
-    ``"config"`` equals ``config`` except for the ``mutable`` dotted keys. Without ``resume`` an
-    existing ``latest.pt`` is an error (a run is never overwritten by accident).
+
+class NoIntactCheckpoint(ValueError):
+    """``--resume`` on a folder that holds a run but no checkpoint it can continue from. A caller whose
+    runs are disposable (a benchmark cell, a search trial, a demo run: killed before their first
+    checkpoint) catches it and starts over with ``overwrite=True``; a user's run is refused."""
+
+
+def resume_or_start_over(run: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``run(*args, resume=True, **kwargs)``; if that finds a run with no intact checkpoint
+    (:class:`NoIntactCheckpoint`, e.g. a run killed before its first checkpoint), start it over with
+    ``overwrite=True``. For disposable runs only (benchmark cells, search trials, the demo's runs)."""
+    try:
+        return run(*args, resume=True, **kwargs)
+    except NoIntactCheckpoint as e:
+        print(f"volssl: {e}; a disposable run: starting it over", file=sys.stderr, flush=True)
+        return run(*args, resume=False, overwrite=True, **kwargs)
+
+
+def _checkpoint_entries(ckpt_dir: Path) -> list[Path]:
+    """``latest.pt``, ``final.pt``, ``best.pt`` (those present, links and folders included), then the other
+    ``*.pt`` entries of ``ckpt_dir`` by name; hidden files (an atomic write's temporaries) are left out."""
+    if not ckpt_dir.is_dir():
+        return []
+    named = [ckpt_dir / f"{t}.pt" for t in ("latest", "final", "best")]
+    found = [p for p in named if os.path.lexists(p)]
+    others = sorted(p for p in ckpt_dir.iterdir() if p.name.endswith(".pt") and not p.name.startswith(".")
+                    and p not in named)
+    return found + others
+
+
+def run_history(out: str | os.PathLike) -> list[str]:
+    """What in ``out`` shows that a run was there: its checkpoint entries (``checkpoints/*.pt``, broken
+    ones included), ``scalars.csv``, ``summary.json``, ``STOPPED.json``; [] for an empty or missing folder."""
+    out = Path(out)
+    ckpt_dir = out / "checkpoints"
+    items = []
+    if os.path.lexists(ckpt_dir) and not ckpt_dir.is_dir():
+        items.append(f"{ckpt_dir} (not a folder)")
+    items += [str(p) for p in _checkpoint_entries(ckpt_dir)]
+    items += [str(out / n) for n in ("scalars.csv", "summary.json", "STOPPED.json") if os.path.lexists(out / n)]
+    return items
+
+
+def _remove_run(out: Path) -> list[str]:
+    """Delete the :data:`RUN_OUTPUTS` of ``out``; returns the names removed."""
+    import shutil
+
+    removed = []
+    for name in RUN_OUTPUTS:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
+
+
+def _resumable(path: Path, state_key: str | None) -> tuple[dict[str, Any] | None, str]:
+    """``(checkpoint, "")`` when ``path`` loads, passes its checksum and holds what resuming needs, else
+    ``(None, why not)`` (one phrase naming the file)."""
+    try:
+        state = load_checkpoint(path)
+    except (FileNotFoundError, ValueError) as e:
+        return None, " ".join(str(e).split())
+    except Exception as e:  # anything else torch.load may raise on a damaged file
+        return None, f"{path}: unreadable ({type(e).__name__}: {' '.join(str(e).split())})"
+    missing = [k for k in RESUME_KEYS + ((state_key,) if state_key else ()) if state.get(k) is None]
+    if missing:
+        return None, (f"{path} lacks {', '.join(missing)}, which resuming needs (a run is not continued with a "
+                      "fresh optimiser or RNG state)")
+    try:
+        int(state["step"])
+    except (TypeError, ValueError):
+        return None, f"{path}: bad step {state['step']!r}"
+    return state, ""
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename a broken ``path`` (file, link or folder) to ``NAME.broken`` (``NAME.broken-2``, ...): the run can
+    write ``path`` again, and the bytes stay for inspection."""
+    target = path.with_name(path.name + ".broken")
+    k = 2
+    while os.path.lexists(target):
+        target = path.with_name(f"{path.name}.broken-{k}")
+        k += 1
+    os.replace(path, target)
+    return target
+
+
+def open_run(out: str | os.PathLike, config: dict[str, Any], resume: bool, info: D.DistInfo,
+             name: str = "pretrain", mutable: Iterable[str] = RESUME_MUTABLE, overwrite: bool = False,
+             state_key: str | None = None) -> dict[str, Any] | None:
+    """The checkpoint a run in ``out`` continues from, or None for a new run. A run's history is never
+    lost by accident:
+
+    * ``resume``: continue from ``out/checkpoints/latest.pt``. When it is missing, a dangling link, a
+      folder, truncated, fails its checksum or lacks what resuming needs (:data:`RESUME_KEYS` and
+      ``state_key``), continue from the newest intact checkpoint of the run (by step, among
+      ``latest``/``final``/``best`` and any other ``checkpoints/*.pt``) with a warning naming the problem
+      and the file; broken ``latest``/``final``/``best`` entries are renamed ``NAME.broken``. When none is
+      intact but the folder holds a run (:func:`run_history`): ValueError, nothing is changed. An empty
+      or missing folder starts a new run. The checkpoint's ``"config"`` must equal ``config`` except for
+      the ``mutable`` dotted keys.
+    * no ``resume``: a folder that holds a run is an error unless ``overwrite``, which first removes the
+      earlier run's outputs (:data:`RUN_OUTPUTS`).
     """
-    latest = Path(out) / "checkpoints" / "latest.pt"
-    if resume and latest.is_file():
-        state = load_checkpoint(latest)
-        mutable = set(mutable)
-        diff = [k for k in _config_diff(state.get("config"), config) if k not in mutable]
-        if diff:
-            raise ValueError(f"{latest}: cannot resume with a different configuration; changed: {', '.join(diff)} "
-                             f"(only {', '.join(sorted(mutable))} may change)")
-        return state
-    if resume:
-        _log(f"--resume: no checkpoint in {latest.parent}; starting a new run", info, name)
-    elif latest.is_file():
-        raise ValueError(f"{out} already holds a run ({latest}); pass --resume to continue it or choose "
-                         "another output directory")
-    return None
+    out = Path(out)
+    ckpt_dir = out / "checkpoints"
+    latest = ckpt_dir / "latest.pt"
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in the output folder and --overwrite replaces it; give one")
+    if not resume:
+        if overwrite:  # every rank reaches the barrier; rank 0 removes
+            if info.is_main:
+                removed = _remove_run(out)
+                if removed:
+                    _log(f"--overwrite: removed the earlier run's {', '.join(removed)} from {out}", info, name)
+            D.barrier(info)
+            return None
+        history = run_history(out)
+        if history:
+            shown = ", ".join(history[:4]) + (f" and {len(history) - 4} more" if len(history) > 4 else "")
+            raise ValueError(f"{out} already holds a run ({shown}); pass --resume to continue it, --overwrite to "
+                             "replace it, or choose another output directory")
+        return None
+
+    history = run_history(out)
+    if not history:
+        _log(f"--resume: no run in {out} yet (no checkpoint, no scalars.csv); starting a new run", info, name)
+        return None
+    state, why = _resumable(latest, state_key) if os.path.lexists(latest) else (None, f"{latest} is missing")
+    source, problems, broken = latest, [], []
+    if state is None:
+        problems.append(why)
+        if os.path.lexists(latest):
+            broken.append(latest)
+        source = None
+        for path in _checkpoint_entries(ckpt_dir):
+            if path == latest:
+                continue
+            cand, why = _resumable(path, state_key)
+            if cand is None:
+                problems.append(why)
+                if path.stem in TAGS:  # the loop writes these again
+                    broken.append(path)
+            elif state is None or int(cand["step"]) > int(state["step"]):
+                state, source = cand, path
+            del cand
+        if state is None:
+            raise NoIntactCheckpoint(f"{out}: --resume found no intact checkpoint to continue from ({'; '.join(problems)}), "
+                             f"but the folder holds a run ({', '.join(history[:4])}); nothing was changed: restore a "
+                             "checkpoint, start over with --overwrite (without --resume), or choose another output "
+                             "directory")
+    mutable = set(mutable)
+    diff = [k for k in _config_diff(state.get("config"), config) if k not in mutable]
+    if diff:
+        raise ValueError(f"{source}: cannot resume with a different configuration; changed: {', '.join(diff)} "
+                         f"(only {', '.join(sorted(mutable))} may change)")
+    if source != latest:
+        step = int(state["step"])
+        moved = ""
+        if broken:
+            D.barrier(info)  # every rank has chosen before rank 0 renames
+            if info.is_main:
+                moved = "; set aside: " + ", ".join(f"{p.name} -> {_set_aside(p).name}" for p in broken)
+            D.barrier(info)
+        _log(f"warning: --resume: {'; '.join(problems)}; resuming from {source} (step {step}), the newest intact "
+             f"checkpoint: the steps after {step} are redone and their scalars.csv rows dropped{moved}", info, name)
+    return state
 
 
 def seed_everything(seed: int, device: torch.device) -> None:
@@ -489,6 +644,7 @@ def pretrain(
     method: torch.nn.Module | None = None,
     batches: BatchFactory | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Pre-train ``cfg.method`` on the preprocessed dataset ``data_dir``, writing the run to ``out_dir``.
 
@@ -497,11 +653,13 @@ def pretrain(
         data_dir: a preprocessed dataset (``volssl preprocess`` output), or a folder of TIFF / Zarr
             volumes (or one volume) read by crop (see :func:`_default_batches`); may be None with ``batches``.
         out_dir: the run directory.
-        resume: continue from ``out_dir/checkpoints/latest.pt`` (start afresh if there is none). The
+        resume: continue from ``out_dir/checkpoints/latest.pt``, else from the newest intact checkpoint
+            of the run (see :func:`open_run`; a new run in an empty or missing folder). The
             configuration must equal the saved one except for :data:`RESUME_MUTABLE` fields.
         method: the method module (default ``volssl.methods.build_method(cfg)``).
         batches: a :data:`BatchFactory` (default: ``data/patches.make_loader`` over ``data_dir``).
         progress: show a tqdm progress bar on stderr (rank 0).
+        overwrite: (without ``resume``) replace a run already in ``out_dir``; without it that is an error.
 
     Returns:
         A summary dict: ``status`` ("finished" or "stopped"), ``signal``, ``step``, ``loss``,
@@ -519,7 +677,7 @@ def pretrain(
     info = D.init_distributed(device)
     device = resolve_device(tc.device, info)
     offset, local_b = D.local_rows(cfg.data.batch_size, info)
-    state = open_run(out_dir, config_to_dict(cfg), resume, info)
+    state = open_run(out_dir, config_to_dict(cfg), resume, info, overwrite=overwrite, state_key="method_state")
     seed_everything(tc.seed, device)
 
     if method is None:
