@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,8 +45,40 @@ def _split(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _ints(text: str, option: str) -> list[int]:
+    """``"0,1,2"`` -> [0, 1, 2]; a ValueError naming ``option`` for anything else."""
+    values = []
+    for t in _split(text):
+        try:
+            values.append(int(t))
+        except ValueError:
+            raise ValueError(f"{option} takes comma-separated whole numbers (e.g. 0,1,2), got {text!r}") from None
+    if not values:
+        raise ValueError(f"{option} needs at least one value, got {text!r}")
+    return values
+
+
+def _n_trains(text: str) -> list:
+    from volssl.benchmark import parse_n_train
+
+    out = []
+    for t in _split(text):
+        try:
+            out.append(parse_n_train(t))
+        except ValueError as e:
+            if "invalid literal" in str(e) or "could not convert" in str(e):
+                raise ValueError(f"--n-train {t!r}: expected a number of labeled cases (2), a fraction of them "
+                                 "(0.1 or 10%) or 'all'") from None
+            raise ValueError(f"--n-train: {e}") from None
+    if not out:
+        raise ValueError(f"--n-train needs at least one value, got {text!r}")
+    return out
+
+
 def _run(args: argparse.Namespace) -> int:
-    from volssl.benchmark import ARMS, SCALES, parse_n_train, run_benchmark
+    from volssl.benchmark import ARMS, SCALES, run_benchmark
+    from volssl.util.errors import check_input_path
+    from volssl.util.paths import check_output_dir
 
     if args.list:
         for arm in ARMS.values():
@@ -53,10 +86,28 @@ def _run(args: argparse.Namespace) -> int:
             print(f"{arm.name:<26} {pre}; fine-tune {arm.recipe}; plan {arm.plan} -- {arm.label}")
         print("scales: " + ", ".join(SCALES))
         return 0
-    run_benchmark(args.out, _split(args.methods), _split(args.datasets),
-                  n_trains=None if args.n_train is None else [parse_n_train(t) for t in _split(args.n_train)],
-                  seeds=None if args.seeds is None else [int(s) for s in _split(args.seeds)], scale=args.scale,
-                  draws=None if args.draws is None else [int(d) for d in _split(args.draws)],
+    if args.scale not in SCALES:
+        raise ValueError(f"--scale {args.scale!r}: not one of {', '.join(SCALES)}")
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    n_trains = None if args.n_train is None else _n_trains(args.n_train)
+    seeds = None if args.seeds is None else _ints(args.seeds, "--seeds")
+    draws = None if args.draws is None else _ints(args.draws, "--draws")
+    for option, value in (("--pretrain-steps", args.pretrain_steps), ("--finetune-steps", args.finetune_steps),
+                          ("--n-labeled", args.n_labeled)):
+        if value is not None and value < 0:
+            raise ValueError(f"{option} must be a positive number (0: the scale's), got {value}")
+    datasets = _split(args.datasets)
+    if not datasets:
+        raise ValueError("--datasets needs at least one phantom task or dataset folder")
+    for d in datasets:
+        if os.sep in d or os.path.islink(d):  # a path, not a phantom name: it must exist
+            check_input_path(d, "--datasets entry", kind="dir")
+    if args.unlabeled is not None:
+        check_input_path(args.unlabeled, "--unlabeled", kind="dir")
+    check_output_dir(args.out, "--out folder")  # before anything is generated or trained
+    run_benchmark(args.out, _split(args.methods), datasets,
+                  n_trains=n_trains, seeds=seeds, scale=args.scale, draws=draws,
                   generalisation=_split(args.generalisation), unlabeled=args.unlabeled, workers=args.workers,
                   device=args.device, seed=args.seed, pretrain_steps=args.pretrain_steps,
                   finetune_steps=args.finetune_steps, n_labeled=args.n_labeled)

@@ -17,6 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from volssl.util.paths import check_output_dir
+
+    check_output_dir(args.out, "--out folder")  # before anything is generated or trained
     from volssl.demo import run_demo
 
     run_demo(args.out, quick=args.quick, seed=args.seed)

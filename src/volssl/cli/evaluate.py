@@ -15,16 +15,56 @@ def _labels(text: str | None):
     for item in text.split(","):
         try:
             values = tuple(int(v) for v in item.split("+"))
+            if not values or 0 in values:
+                raise ValueError
         except ValueError:
-            raise ValueError(f"--labels takes comma-separated integers (1+2 for a region), got {text!r}") from None
+            raise ValueError(f"--labels takes comma-separated foreground labels, not 0 (1+2 for a region), "
+                             f"got {text!r}") from None
         out.append(values[0] if len(values) == 1 else values)
     return out
 
 
 def _empty_score(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
     if not (math.isnan(value) or 0.0 <= value <= 1.0):
         raise ValueError(f"--empty-score must be 'nan' or a number in [0, 1], got {text!r}")
+    return value
+
+
+def _ignore_labels(items: list[str]) -> list[int]:
+    out = []
+    for text in items:
+        for item in str(text).split(","):
+            try:
+                value = int(item)
+            except ValueError:
+                raise ValueError(f"--ignore-label takes integer label values (e.g. 255 or -1), got {text!r}") from None
+            if value == 0:
+                raise ValueError("--ignore-label cannot be 0 (background)")
+            out.append(value)
+    return out
+
+
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a distance in mm >= 0, e.g. 1 or 2.5; got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(float(text)) if "e" in text.lower() else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
     return value
 
 
@@ -39,18 +79,30 @@ def register(sub: argparse._SubParsersAction) -> None:
             "(the reference's voxel spacing), and writes per-case scores and means to --out. A class "
             "absent from both files scores NaN and is left out of the means (--empty-score 1 to count "
             "it as perfect); a class in only one of them scores 0. Missing predictions and pairs that "
-            "cannot be compared (shape or geometry mismatch) are listed, not scored."
+            "cannot be scored (unreadable, too large for this machine according to the file header, shape or "
+            "geometry mismatch, out of memory) are listed with their reason, not scored; every other pair is "
+            "scored, and the exit code is 3 when a pair failed. Reference voxels with an ignore label "
+            "(dataset.json's 'ignore', --ignore-label, or -- with a warning -- an undeclared negative value or 255) "
+            "are left out of the scores, as nnU-Net does."
         ),
     )
     p.add_argument("pred_dir", help="folder of predicted label maps")
     p.add_argument("ref_dir", help="folder of reference label maps (e.g. Dataset001_X/labelsTr)")
-    p.add_argument("--out", required=True, help="metrics.json to write")
-    p.add_argument("--nsd-tolerance-mm", type=float, default=1.0, metavar="T", help="NSD tolerance in mm (default 1)")
+    p.add_argument("--out", required=True, help="metrics.json to write (its folder is checked before scoring)")
+    p.add_argument("--nsd-tolerance-mm", type=_tolerance, default=1.0, metavar="T",
+                   help="NSD tolerance in mm (default 1)")
     p.add_argument("--labels", metavar="1,2|1+2+3", help="classes to score (default: dataset.json or all found)")
     p.add_argument("--empty-score", default="nan", help="score of a class absent from both files: nan (default) or 1")
-    p.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)),
+    p.add_argument("--ignore-label", action="append", default=[], metavar="V",
+                   help="reference value whose voxels are left out of the scores (repeatable; besides "
+                        "dataset.json's 'ignore' label)")
+    p.add_argument("--max-voxels", type=_positive_int, default=None, metavar="N",
+                   help="do not read a file whose header declares more voxels (default: what this machine's "
+                        "memory can hold)")
+    p.add_argument("--workers", type=_positive_int, default=max(1, min(8, os.cpu_count() or 1)),
                    help="parallel processes (default: CPU count, at most 8)")
-    p.add_argument("--strict", action="store_true", help="exit with code 3 if a case is missing or failed")
+    p.add_argument("--strict", action="store_true",
+                   help="also exit with code 3 if a reference case has no prediction (a failed pair always does)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -61,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate_folder(
         args.pred_dir, args.ref_dir, args.out, labels=_labels(args.labels),
         nsd_tolerance_mm=args.nsd_tolerance_mm, workers=args.workers, progress=not args.no_progress,
-        empty_score=_empty_score(args.empty_score),
+        empty_score=_empty_score(args.empty_score), ignore_labels=_ignore_labels(args.ignore_label),
+        max_voxels=args.max_voxels,
     )
     mean = result["mean"]
     tol = result["settings"]["nsd_tolerance_mm"]
@@ -73,8 +126,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"volssl evaluate: warning: no prediction for case {case}", file=sys.stderr)
     for e in result["errors"]:
         print(f"volssl evaluate: warning: case {e['case']} not scored: {e['error']}", file=sys.stderr)
+    for w in result["warnings"]:
+        print(f"volssl evaluate: warning: {w}", file=sys.stderr)
     print(f"wrote {args.out}")
-    return 3 if args.strict and (result["missing"] or result["errors"]) else 0
+    if result["errors"]:
+        print(f"volssl evaluate: {len(result['errors'])} case(s) failed and were not scored; "
+              f"{mean['n_cases']} scored", file=sys.stderr)
+        return 3
+    return 3 if args.strict and result["missing"] else 0
 
 
 def _fmt(x: float) -> str:

@@ -85,7 +85,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "of <case>.npz (nodes, edges, ids) / skeleton label volumes")
     q.add_argument("--merge-penalty", choices=("skeleton", "segment"), default="skeleton",
                    help="ERL: a merge zeroes the whole skeleton (funlib/XPRESS, default) or the segment's runs")
-    q.add_argument("--strict", action="store_true", help="exit with code 3 if a case is missing or failed")
+    q.add_argument("--strict", action="store_true",
+                   help="also exit with code 3 if a reference case has no segmentation (a failed pair always does)")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
     q.set_defaults(func=run_evaluate)
 
@@ -218,6 +219,9 @@ def _replace_dir(tmp: Path, path: Path) -> None:
 def _affinity_cases(src: Path) -> list[tuple[str, Path]]:
     from volssl.evaluation.instance_evaluate import strip_suffix
 
+    from volssl.util.errors import check_input_path
+
+    src = check_input_path(src, "affinities")
     if src.is_dir() and affinity_suffix(src) is None:
         files = [f for f in sorted(src.iterdir()) if not f.name.startswith(".") and affinity_suffix(f)]
         if not files:
@@ -279,6 +283,8 @@ def run_agglomerate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from volssl.util.atomic import write_json_atomic
+    from volssl.util.errors import describe_failure
+    from volssl.util.paths import check_output_dir
 
     thresholds = list(dict.fromkeys(float(t) for t in args.thresholds))
     if any(not math.isfinite(t) for t in thresholds):
@@ -288,8 +294,7 @@ def run_agglomerate(args: argparse.Namespace) -> int:
     if args.seed_window < 1:
         raise ValueError(f"--seed-window must be >= 1, got {args.seed_window}")
     cases = _affinity_cases(Path(args.affinities))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_dir(args.out, "output folder")  # before any case is segmented
     done, errors = [], []
     bar = tqdm(cases, desc="agglomerate", unit="case", disable=args.no_progress, file=sys.stderr)
     for case, path in bar:
@@ -297,7 +302,8 @@ def run_agglomerate(args: argparse.Namespace) -> int:
             done.append(agglomerate_case(path, case, out, thresholds, args.block, args.overlap,
                                          args.boundary_threshold, args.seed_window, not args.no_progress))
         except (ValueError, OSError, MemoryError) as e:
-            msg = str(e) if str(path) in str(e) else f"{path}: {e}"
+            reason = "out of memory while segmenting" if isinstance(e, MemoryError) else describe_failure(e)
+            msg = reason if str(path) in reason else f"{path}: {reason}"
             errors.append({"case": case, "error": msg})
             print(f"volssl agglomerate: warning: {msg}", file=sys.stderr)
     write_json_atomic(out / "agglomerate.json", {
@@ -320,4 +326,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     result = evaluate_instances_folder(args.seg_dir, args.gt_dir, args.out, skeletons=args.skeletons,
                                        merge_penalty=args.merge_penalty, progress=not args.no_progress, verbose=True)
-    return 3 if args.strict and (result["missing"] or result["errors"]) else 0
+    if result["errors"]:
+        print(f"volssl evaluate-instances: {len(result['errors'])} case(s) failed and were not scored; "
+              f"{result['n_cases']} scored", file=sys.stderr)
+        return 3
+    return 3 if args.strict and result["missing"] else 0

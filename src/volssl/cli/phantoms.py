@@ -56,6 +56,13 @@ def _run(args: argparse.Namespace) -> int:
     target = args.out or args.out_option
     if target is None:
         args._parser.error("an output directory is required (OUT or --out DIR)")
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1 training case, got {args.n}")
+    if args.n_test is not None and args.n_test < 0:
+        raise ValueError(f"--n-test must be >= 0, got {args.n_test}")
+    from volssl.util.paths import check_output_dir
+
+    check_output_dir(target, "output folder")  # before any phantom is generated
     if args.task:
         out = generate_task(target, args.task, args.n, seed=args.seed, n_test=args.n_test, shape=args.shape,
                             progress=not args.no_progress, overwrite=args.overwrite)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 
@@ -21,21 +22,52 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", required=True, metavar="FT", help="fine-tuning run directory or checkpoint .pt file")
     p.add_argument("--input", required=True, metavar="DIR", help="folder of volumes (or one volume file)")
-    p.add_argument("--output", required=True, metavar="DIR", help="output folder (created)")
+    p.add_argument("--output", "--out", required=True, metavar="DIR",
+                   help="output folder (created; checked to be writable before anything is predicted)")
     p.add_argument("--probabilities", action="store_true", help="also write <case>.npz class probabilities")
-    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1) (default 0.5)")
+    p.add_argument("--overlap", type=_overlap, default=0.5, help="sliding-window overlap in [0, 1) (default 0.5)")
     p.add_argument("--no-mirror", action="store_true", help="no mirroring test-time augmentation (8x faster)")
     p.add_argument("--mirror-axes", default="0,1,2", metavar="AXES", help="axes to mirror (default 0,1,2)")
     p.add_argument("--device", default="auto", help="auto (default: CUDA if available), cpu, cuda, cuda:N")
-    p.add_argument("--batch", type=int, default=1, metavar="N", help="tiles per forward pass (default 1)")
+    p.add_argument("--batch", type=_positive_int, default=1, metavar="N", help="tiles per forward pass (default 1)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA only)")
     p.add_argument("--spacing", metavar="X,Y,Z", help="voxel spacing (mm) for TIFF/Zarr inputs that carry none")
-    p.add_argument("--thresholds", type=float, nargs="+", default=[0.5], metavar="T",
+    p.add_argument("--thresholds", type=_threshold, nargs="+", default=[0.5], metavar="T",
                    help="affinity models: agglomeration thresholds (first -> OUT/<case>.nii.gz, each -> OUT/t<T>/)")
     p.add_argument("--strict", action="store_true", help="exit with code 3 if any input was skipped")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run)
+
+
+def _overlap(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), e.g. 0.5; got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def _threshold(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a number, e.g. 0.5; got {text!r}")
+    return value
 
 
 def _axes(text: str) -> tuple[int, ...]:
@@ -49,19 +81,28 @@ def _axes(text: str) -> tuple[int, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from volssl.inference.predict import predict_folder
+    from volssl.util.errors import check_input_path
+    from volssl.util.paths import check_output_dir
 
+    # everything that can be checked is checked before the model is loaded and minutes are spent
     spacing = None
     if args.spacing:
         try:
             spacing = tuple(float(v) for v in args.spacing.split(","))
         except ValueError:
             raise ValueError(f"--spacing must be X,Y,Z in mm, got {args.spacing!r}") from None
-        if len(spacing) != 3:
-            raise ValueError(f"--spacing must be X,Y,Z in mm, got {args.spacing!r}")
+        if len(spacing) != 3 or not all(math.isfinite(v) and v > 0 for v in spacing):
+            raise ValueError(f"--spacing must be three positive numbers X,Y,Z in mm, got {args.spacing!r}")
+    mirror_axes = () if args.no_mirror else _axes(args.mirror_axes)
+    check_input_path(args.model, "--model")
+    check_input_path(args.input, "--input")
+    check_output_dir(args.output, "--output folder")
+
+    from volssl.inference.predict import predict_folder
+
     summary = predict_folder(
         args.model, args.input, args.output, save_probabilities=args.probabilities, overlap=args.overlap,
-        mirror_axes=() if args.no_mirror else _axes(args.mirror_axes), device=args.device,
+        mirror_axes=mirror_axes, device=args.device,
         progress=not args.no_progress, sw_batch_size=args.batch, autocast=args.bf16, spacing=spacing,
         thresholds=args.thresholds,
     )

@@ -36,6 +36,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from volssl.util.errors import check_input_path
+    from volssl.util.paths import check_output_dir
+
+    # what can be checked is checked before the checkpoint is loaded and the data preprocessed
+    for option in ("n_train", "n_eval", "patches_per_case", "steps"):
+        if getattr(args, option) < 1:
+            raise ValueError(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
+    check_input_path(args.checkpoint, "--checkpoint")
+    dataset = check_input_path(args.dataset, "--dataset", kind="dir")
+    raw = not (dataset / "plan.json").is_file()  # a raw dataset is preprocessed into --work
+    if raw and args.work:
+        check_output_dir(args.work, "--work folder")
+
     from volssl.finetuning.finetune import load_source
     from volssl.training.probe import Probe, ProbeConfig, prepare_probe_data, run_probe
 
@@ -45,6 +58,8 @@ def _run(args: argparse.Namespace) -> int:
     run_dir = Path(source.path).parent.parent if Path(source.path).parent.name == "checkpoints" else \
         Path(source.path).parent
     work = Path(args.work) if args.work else run_dir / "probe_data"
+    if raw and not args.work:
+        check_output_dir(work, "probe data folder (--work)")
     root = prepare_probe_data(args.dataset, source.plan, work, progress=not args.json)
     patch = source.patch_size
     if not patch:

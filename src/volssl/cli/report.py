@@ -34,6 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from volssl.reports.report import make_report
+    from volssl.util.errors import check_input_path
+    from volssl.util.paths import check_output_dir
 
     if args.bootstrap < 1:
         raise ValueError(f"--bootstrap must be >= 1, got {args.bootstrap}")
@@ -43,6 +45,11 @@ def run(args: argparse.Namespace) -> int:
         if not sep or not method.strip() or not twin.strip():
             raise ValueError(f"--twin {item!r}: expected METHOD=TWIN, e.g. s3d=no-fixed")
         twins[method.strip()] = twin.strip()
+    for d in args.run_dirs:
+        check_input_path(d, "run directory", kind="dir")
+    for d in args.probe:
+        check_input_path(d, "--probe", kind="dir")
+    check_output_dir(args.out, "--out folder")  # before any run is read
     summary = make_report(args.run_dirs, args.out, n_boot=args.bootstrap, seed=args.seed, twins=twins,
                           probe_dirs=args.probe)
     for note in summary["notes"]:

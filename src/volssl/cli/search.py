@@ -41,6 +41,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if not args.space or not args.dataset:
         raise ValueError("give --space NAME and --dataset DIR (see volssl search --list)")
+    _check(args)
     best = run_search(args.space, args.trials, args.checkpoint, args.dataset, args.out, storage=args.storage,
                       study_name=args.study_name, seed=args.seed, steps_per_hour=args.steps_per_hour,
                       n_train=args.n_train, overrides=args.overrides, device=args.device)
@@ -50,3 +51,31 @@ def _run(args: argparse.Namespace) -> int:
         print(f"best {best.get('metric')}: {best.get('value')} with {best.get('params')} "
               f"({best['n_complete']} completed trials); results in {args.out}")
     return 0
+
+
+def _check(args: argparse.Namespace) -> None:
+    """Everything that can be checked before the study starts (and minutes of fine-tuning are spent)."""
+    from volssl.finetuning.recipes import resolve_recipe
+    from volssl.search import SPACES
+    from volssl.util.errors import check_input_path
+    from volssl.util.paths import check_output_dir
+
+    if args.space not in SPACES:
+        raise ValueError(f"--space {args.space!r}: unknown search space; known: {', '.join(sorted(SPACES))}")
+    if args.trials < 1:
+        raise ValueError(f"--trials must be >= 1, got {args.trials}")
+    if args.n_train is not None and args.n_train < 1:
+        raise ValueError(f"--n-train must be >= 1, got {args.n_train}")
+    if args.steps_per_hour is not None and not args.steps_per_hour > 0:
+        raise ValueError(f"--steps-per-hour must be a positive number, got {args.steps_per_hour}")
+    for item in args.overrides:
+        if "=" not in item or not item.partition("=")[0].strip():
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. optim.lr=0.01")
+    try:  # a bad --set fails here, not in every trial
+        resolve_recipe(SPACES[args.space].recipe, args.overrides)
+    except KeyError as e:
+        raise ValueError(f"--set: {e.args[0] if e.args else e}") from None
+    check_input_path(args.dataset, "--dataset")
+    if args.checkpoint is not None and str(args.checkpoint).lower() != "none":
+        check_input_path(args.checkpoint, "--checkpoint")
+    check_output_dir(args.out, "--out folder")

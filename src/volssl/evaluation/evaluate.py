@@ -22,13 +22,29 @@ Output ``metrics.json`` (NaN written as ``null``)::
      "mean": {"dice": float|null, "nsd": float|null, "n_cases": int,
               "per_class": {class: {"name": str, "dice": float|null, "nsd": float|null, "n": int}}},
      "missing": [case ids with a reference but no prediction],
-     "errors": [{"case": str, "error": str}, ...],    # unreadable, shape or geometry mismatch, ...
+     "errors": [{"case": str, "error": str}, ...],    # unreadable, shape or geometry mismatch, too large ...
+     "warnings": [str, ...],                           # e.g. undeclared 255 / negative values ignored
      "unmatched_predictions": [case ids with a prediction but no reference],
      "settings": {...}}
 
 ``mean.per_class[c]`` is the mean over cases of class ``c`` (NaN values left out, ``n`` = how many
 counted); ``mean.dice`` / ``mean.nsd`` are the means over classes of those per-class means (nnU-Net's
 "foreground mean"). Missing and failed cases are left out of the means and listed.
+
+Faults are per pair: a pair that cannot be scored -- an unreadable file, a shape or geometry mismatch,
+a file whose header declares a volume too large for this machine (checked from the header before
+anything is read: :func:`declared_size`, limit ``max_voxels`` or else the machine's memory), out of
+memory while scoring, a worker process that died -- is listed in ``errors`` with its reason, and every
+other pair is still scored.
+
+Ignore label (as nnU-Net's): reference voxels holding an *ignore* value are left out of the scores
+(set to background in both maps before scoring, which for Dice is exactly leaving them out; for NSD the
+border of an ignored region is then a surface in both maps). Ignore values are the ``ignore`` entry of
+dataset.json's labels (nnU-Net v2), the ``ignore_labels`` argument (``--ignore-label``), and -- with a
+warning in ``warnings`` -- any negative value or 255 found in a reference that is not a declared class:
+the usual "unlabelled" values, which must not be scored as a class of their own. A declared class
+(``labels`` / dataset.json) is never ignored. ``settings.ignore_labels`` lists the values used and
+each scored case records its ``ignored_voxels``.
 """
 from __future__ import annotations
 
@@ -38,6 +54,7 @@ import multiprocessing
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -46,6 +63,10 @@ import numpy as np
 from volssl.data.readers import VolumeError, is_nnunet_dataset, read_volume, volume_suffix
 from volssl.evaluation.metrics import ClassSpec, case_metrics
 from volssl.util.atomic import write_json_atomic
+from volssl.util.errors import check_input_path, check_output_file, describe_failure
+
+# reference values taken as "unlabelled / ignore" when no class declares them
+COMMON_IGNORE_VALUES = (255,)  # and every negative value
 
 
 def class_key(label: ClassSpec) -> str:
@@ -79,9 +100,7 @@ def find_volumes(folder: str | os.PathLike) -> tuple[dict[str, Path], dict[str, 
         ``(files, duplicates)``: ``files[case]`` the one file of a case; ``duplicates[case]`` the files
         of a case id that several files share (``a.nii`` and ``a.nii.gz``), which cannot be paired.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: not a folder")
+    folder = check_input_path(folder, "folder", kind="dir")
     by_case: dict[str, list[Path]] = {}
     for f in sorted(folder.iterdir()):
         if f.name.startswith(".") or volume_suffix(f.name) is None:
@@ -98,40 +117,194 @@ def dataset_labels(ref_dir: str | os.PathLike) -> tuple[list[ClassSpec], dict[st
     Returns:
         ``(labels, names, path)`` (``names[class_key] = name``), or None without a dataset.json.
         nnU-Net v2 ``{"name": value | [values]}`` and v1 ``{"value": "name"}`` are both read; value 0
-        (background) is dropped.
+        (background) is dropped, and so is nnU-Net's ``ignore`` label (:func:`dataset_ignore_label`).
     """
+    found = _dataset_json(ref_dir)
+    if found is None:
+        return None
+    path, raw = found
+    labels: list[ClassSpec] = []
+    names: dict[str, str] = {}
+    try:
+        for k, v in raw.items():
+            if _is_ignore_entry(k, v):  # nnU-Net v2 "ignore": value -- not a class
+                continue
+            if isinstance(v, str) and str(k).lstrip("-").isdigit():  # v1: "1": "tumour"
+                label: ClassSpec = int(k)
+                name = v
+            elif isinstance(v, (list, tuple)):  # v2 region
+                label = tuple(int(x) for x in v)
+                label = label[0] if len(label) == 1 else label
+                name = str(k)
+            else:
+                label, name = int(v), str(k)
+            if label == 0 or label == (0,):
+                continue
+            labels.append(label)
+            names[class_key(label)] = name
+    except (TypeError, ValueError):
+        raise ValueError(f"{path}: 'labels' must map names to integers or lists of integers, got {raw}") from None
+    return labels, names, path
+
+
+def dataset_ignore_label(ref_dir: str | os.PathLike) -> int | None:
+    """The ``ignore`` label value of the nnU-Net ``dataset.json`` of ``ref_dir`` (or of its parent), if any."""
+    found = _dataset_json(ref_dir)
+    if found is None:
+        return None
+    path, raw = found
+    for k, v in raw.items():
+        if _is_ignore_entry(k, v):
+            value = v if not str(k).lstrip("-").isdigit() else k
+            try:
+                return int(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}: the 'ignore' label must be one integer, got {value!r}") from None
+    return None
+
+
+def _is_ignore_entry(key: Any, value: Any) -> bool:
+    if str(key).strip().lower() == "ignore":  # v2: "ignore": 4
+        return True
+    return isinstance(value, str) and value.strip().lower() == "ignore" and str(key).lstrip("-").isdigit()  # v1
+
+
+def _dataset_json(ref_dir: str | os.PathLike) -> tuple[Path, dict] | None:
+    """``(path, labels mapping)`` of the dataset.json of ``ref_dir`` or of its parent, or None."""
     ref_dir = Path(ref_dir)
     for path in (ref_dir / "dataset.json", ref_dir.parent / "dataset.json"):
         if not path.is_file():
             continue
         try:
             meta = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: cannot read dataset.json: {e}") from e
-        raw = meta.get("labels")
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: cannot read dataset.json: {describe_failure(e)}") from None
+        raw = meta.get("labels") if isinstance(meta, dict) else None
         if not isinstance(raw, dict) or not raw:
             raise ValueError(f"{path}: dataset.json has no 'labels' mapping")
-        labels: list[ClassSpec] = []
-        names: dict[str, str] = {}
-        try:
-            for k, v in raw.items():
-                if isinstance(v, str) and str(k).lstrip("-").isdigit():  # v1: "1": "tumour"
-                    label: ClassSpec = int(k)
-                    name = v
-                elif isinstance(v, (list, tuple)):  # v2 region
-                    label = tuple(int(x) for x in v)
-                    label = label[0] if len(label) == 1 else label
-                    name = str(k)
-                else:
-                    label, name = int(v), str(k)
-                if label == 0 or label == (0,):
-                    continue
-                labels.append(label)
-                names[class_key(label)] = name
-        except (TypeError, ValueError):
-            raise ValueError(f"{path}: 'labels' must map names to integers or lists of integers, got {raw}") from None
-        return labels, names, path
+        return path, raw
     return None
+
+
+# ---------------------------------------------------------------------------------------------- sizes
+
+
+def declared_size(path: str | os.PathLike) -> tuple[tuple[int, ...], int] | None:
+    """``(shape, bytes per voxel once read)`` of a volume file from its header alone (nothing of the
+    voxel data is read), or None when the header cannot tell (the read that follows reports why).
+
+    NIfTI/MGH: nibabel's header (a scaled NIfTI is read as float64, 8 bytes); NRRD/MHA/MHD:
+    SimpleITK's ``ReadImageInformation``; TIFF: the first series; Zarr: the array (level 0 of an
+    OME-Zarr group); ``.npy``: its header.
+    """
+    from volssl.data.readers import ITK_SUFFIXES, NIBABEL_SUFFIXES, TIFF_SUFFIXES, ZARR_SUFFIXES
+
+    path = Path(path)
+    suffix = volume_suffix(path)
+    try:
+        if path.name.lower().endswith(".npy"):
+            arr = np.load(path, mmap_mode="r")  # the header only
+            return tuple(int(v) for v in arr.shape), arr.dtype.itemsize
+        if suffix in NIBABEL_SUFFIXES:
+            import nibabel as nib
+
+            img = nib.load(str(path))
+            itemsize = np.dtype(img.get_data_dtype()).itemsize
+            slope, inter = img.header.get_slope_inter() if hasattr(img.header, "get_slope_inter") else (None, None)
+            if (slope not in (None, 1.0) and np.isfinite(slope)) or (inter not in (None, 0.0) and np.isfinite(inter)):
+                itemsize = 8
+            return tuple(int(v) for v in img.shape), itemsize
+        if suffix in ITK_SUFFIXES:
+            import SimpleITK as sitk
+
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+            itemsize = 8 if reader.GetPixelID() in (sitk.sitkFloat64, sitk.sitkInt64, sitk.sitkUInt64) else 4
+            return tuple(int(v) for v in reader.GetSize()) + (int(reader.GetNumberOfComponents()),), itemsize
+        if suffix in TIFF_SUFFIXES:
+            import tifffile
+
+            with tifffile.TiffFile(str(path)) as tif:
+                series = tif.series[0]
+                return tuple(int(v) for v in series.shape), np.dtype(series.dtype).itemsize
+        if suffix in ZARR_SUFFIXES:
+            import zarr
+
+            node = zarr.open(str(path), mode="r")
+            if isinstance(node, zarr.Group):
+                attrs = dict(node.attrs)
+                ms = (attrs.get("ome") or attrs).get("multiscales")
+                keys = sorted(node.array_keys())
+                if ms:
+                    key = ms[0]["datasets"][0]["path"]
+                else:
+                    key = "0" if "0" in keys else keys[0] if len(keys) == 1 else None
+                if key is None:
+                    return None
+                node = node[key]
+            return tuple(int(v) for v in node.shape), np.dtype(node.dtype).itemsize
+    except Exception:  # noqa: BLE001 - the header cannot tell; read_volume reports the problem
+        return None
+    return None
+
+
+def machine_memory_bytes() -> int | None:
+    """Physical memory of this machine (or the container's cgroup limit, if smaller), or None."""
+    total = None
+    try:
+        total = int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        pass
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) > 0:
+            total = int(text) if total is None else min(total, int(text))
+    return total
+
+
+def check_pair_size(pred_path: str | os.PathLike, ref_path: str | os.PathLike, max_voxels: int | None = None) -> None:
+    """Raise MemoryError (with a sentence naming the file) when a file's header declares more voxels
+    than ``max_voxels``, or -- without a limit -- a volume whose reading alone would need more than
+    this machine's memory. Nothing of the voxel data is read."""
+    sizes = {}
+    for p in (pred_path, ref_path):
+        d = declared_size(p)
+        if d is not None:
+            sizes[str(p)] = (d[0], int(np.prod(d[0], dtype=np.float64)), d[1])
+    if max_voxels is not None:
+        for p, (shape, n, _) in sizes.items():
+            if n > max_voxels:
+                raise MemoryError(f"{p}: its header declares {_shape_text(shape)} = {n:.3g} voxels, more than "
+                                  f"the limit of {max_voxels:.3g} voxels (--max-voxels); not read")
+        return
+    memory = machine_memory_bytes()
+    if memory is None:
+        return
+    # a lower bound of what scoring needs: both arrays as read, plus a boolean mask each
+    need = sum(n * (itemsize + 1) for _, n, itemsize in sizes.values())
+    if need > memory:
+        p, (shape, n, _) = max(sizes.items(), key=lambda kv: kv[1][1])
+        raise MemoryError(f"{p}: its header declares {_shape_text(shape)} = {n:.3g} voxels; scoring the pair "
+                          f"needs at least {_bytes_text(need)}, more than this machine's {_bytes_text(memory)} "
+                          "of memory; not read (a corrupt header? --max-voxels sets the limit)")
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return "x".join(str(int(v)) for v in shape)
+
+
+def _bytes_text(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n:.3g} {unit}" if unit != "bytes" else f"{int(n)} bytes"
+        n /= 1000.0
+    return f"{n:.3g} PB"
 
 
 def _read_labels(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -153,19 +326,40 @@ def evaluate_case(
     labels: Sequence[ClassSpec] | None,
     tolerance_mm: float,
     empty_score: float,
+    ignore_labels: Sequence[int] = (),
+    max_voxels: int | None = None,
 ) -> dict[str, Any]:
-    """Scores of one case (run in a worker process).
+    """Scores of one case (run in a worker process). Never raises for a bad pair.
+
+    Args:
+        ignore_labels: reference values whose voxels are left out (module docstring); negative values
+            and 255 found in the reference are left out too unless ``labels`` declares them.
+        max_voxels: refuse a file whose header declares more voxels (None: the machine's memory decides).
 
     Returns:
-        ``{"case", "scores": {class_key: (dice, nsd)}, "ref_labels": [int], "spacing": [float]}``, or
-        ``{"case", "error": str}`` when the pair cannot be scored. With ``labels=None`` the classes
-        are the nonzero values of either file.
+        ``{"case", "scores": {class_key: (dice, nsd)}, "ref_labels": [int], "spacing": [float],
+        "ignored_voxels": {value: count}, "undeclared_ignored": [values]}``, or ``{"case", "error": str}``
+        when the pair cannot be scored (unreadable, too large, shape or geometry mismatch, out of
+        memory, ...). With ``labels=None`` the classes are the nonzero values of either file.
     """
     try:
-        ref, ref_affine = _read_labels(Path(ref_path))
-        pred, pred_affine = _read_labels(Path(pred_path))
-    except VolumeError as e:
-        return {"case": case, "error": str(e)}
+        return _evaluate_case(case, pred_path, ref_path, labels, tolerance_mm, empty_score, ignore_labels, max_voxels)
+    except MemoryError as e:
+        detail = " ".join(str(e).split())
+        if not detail or (pred_path not in detail and ref_path not in detail):
+            detail = f"out of memory while scoring {pred_path} against {ref_path}" + (f" ({detail})" if detail else "")
+        return {"case": case, "error": detail}
+    except Exception as e:  # noqa: BLE001 - one bad pair (or a bug on one pair) must not stop the others
+        msg = describe_failure(e)
+        if pred_path not in msg and ref_path not in msg:
+            msg = f"{pred_path} vs {ref_path}: {msg}"
+        return {"case": case, "error": msg}
+
+
+def _evaluate_case(case, pred_path, ref_path, labels, tolerance_mm, empty_score, ignore_labels, max_voxels):
+    check_pair_size(pred_path, ref_path, max_voxels)
+    ref, ref_affine = _read_labels(Path(ref_path))
+    pred, pred_affine = _read_labels(Path(pred_path))
     if pred.shape != ref.shape:
         return {"case": case, "error": f"{pred_path}: prediction shape {tuple(pred.shape)} differs from "
                                        f"reference {ref_path} shape {tuple(ref.shape)}"}
@@ -174,7 +368,22 @@ def evaluate_case(
         return {"case": case, "error": f"{pred_path}: prediction geometry (affine) differs from reference "
                                        f"{ref_path}: {np.round(pred_affine, 4).tolist()} vs "
                                        f"{np.round(ref_affine, 4).tolist()}"}
-    ref_labels = sorted(int(v) for v in np.unique(ref) if v != 0)
+    ref_values = [int(v) for v in np.unique(ref)]
+    declared = set()
+    for c in labels or ():
+        declared.update(int(v) for v in (c if isinstance(c, (tuple, list)) else (c,)))
+    undeclared = [v for v in ref_values if (v < 0 or v in COMMON_IGNORE_VALUES) and v not in declared
+                  and v not in ignore_labels]
+    ignore = sorted(v for v in set(ignore_labels) | set(undeclared) if v in ref_values and v not in declared)
+    ignored_voxels: dict[str, int] = {}
+    if ignore:
+        mask = np.isin(ref, ignore)
+        for v in ignore:
+            ignored_voxels[str(v)] = int(np.count_nonzero(ref == v))
+        ref = np.where(mask, 0, ref)
+        pred = np.where(mask, 0, pred)
+        del mask
+    ref_labels = sorted(v for v in ref_values if v != 0 and v not in ignore)
     if labels is None:
         present = sorted(set(ref_labels) | {int(v) for v in np.unique(pred) if v != 0})
         classes: list[ClassSpec] = list(present)
@@ -182,7 +391,44 @@ def evaluate_case(
         classes = list(labels)
     scores = case_metrics(pred, ref, classes, spacing, tolerance_mm, empty_score)
     return {"case": case, "scores": {class_key(c): s for c, s in zip(classes, scores)},
-            "ref_labels": ref_labels, "spacing": [float(s) for s in spacing]}
+            "ref_labels": ref_labels, "spacing": [float(s) for s in spacing],
+            "ignored_voxels": ignored_voxels, "undeclared_ignored": sorted(undeclared)}
+
+
+def _score_all(args: list[tuple], workers: int, bar: Any) -> list[dict[str, Any]]:
+    """:func:`evaluate_case` of every argument tuple, in ``workers`` processes. A worker that dies
+    (killed for memory by the system, a crash in a library) loses only the case it was scoring: the
+    cases the broken pool could not finish are scored again one by one, each in a process of its own."""
+    if workers == 1:
+        results = []
+        for a in args:
+            results.append(evaluate_case(*a))
+            bar.update()
+        return results
+    ctx = multiprocessing.get_context("forkserver")
+    results, again = [], []
+    with ProcessPoolExecutor(min(workers, len(args)), mp_context=ctx) as ex:
+        futures = {ex.submit(evaluate_case, *a): a for a in args}
+        for fut in as_completed(futures):
+            try:
+                results.append(fut.result())
+            except BrokenProcessPool:
+                again.append(futures[fut])
+                continue
+            except Exception as e:  # noqa: BLE001 - e.g. a result that cannot be sent back
+                results.append({"case": futures[fut][0], "error": describe_failure(e)})
+            bar.update()
+    for a in sorted(again, key=lambda a: a[0]):
+        try:
+            with ProcessPoolExecutor(1, mp_context=ctx) as ex:
+                results.append(ex.submit(evaluate_case, *a).result())
+        except BrokenProcessPool:
+            results.append({"case": a[0], "error": f"the process scoring {a[1]} against {a[2]} died (killed for "
+                                                   "using too much memory?)"})
+        except Exception as e:  # noqa: BLE001
+            results.append({"case": a[0], "error": describe_failure(e)})
+        bar.update()
+    return results
 
 
 def evaluate_folder(
@@ -194,6 +440,8 @@ def evaluate_folder(
     workers: int = 1,
     progress: bool = True,
     empty_score: float = float("nan"),
+    ignore_labels: Sequence[int] | None = None,
+    max_voxels: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate every reference case of ``ref_dir`` against its prediction in ``pred_dir``.
 
@@ -208,13 +456,18 @@ def evaluate_folder(
         progress: show a tqdm bar on stderr.
         empty_score: score of a class absent from both prediction and reference (NaN: left out of
             the means; 1.0: counted as perfect).
+        ignore_labels: reference values whose voxels are left out of the scores, besides dataset.json's
+            ``ignore`` label and (with a warning) undeclared negative values and 255 (module docstring).
+        max_voxels: a file whose header declares more voxels is not read and its pair is listed in
+            ``errors`` (None: a file whose reading alone would exceed this machine's memory).
 
     Returns:
         The metrics.json content (NaN as float NaN; the file holds null).
 
-    Raises:
-        FileNotFoundError: a folder does not exist.
-        ValueError: no reference volumes, no prediction matches any reference, bad arguments.
+    Raises (before anything is scored):
+        FileNotFoundError / NotADirectoryError / OSError: a folder is missing, a file, a link loop.
+        ValueError: ``out_json`` is a folder or its folder cannot be written, no reference volumes,
+            no prediction matches any reference, bad arguments.
     """
     from tqdm import tqdm
 
@@ -222,7 +475,12 @@ def evaluate_folder(
         raise ValueError(f"nsd_tolerance_mm must be a finite number >= 0, got {nsd_tolerance_mm!r}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
+    if max_voxels is not None and max_voxels < 1:
+        raise ValueError(f"max_voxels must be >= 1, got {max_voxels}")
+    pred_dir = check_input_path(pred_dir, "prediction folder", kind="dir")
+    ref_dir = check_input_path(ref_dir, "reference folder", kind="dir")
+    if out_json is not None:
+        check_output_file(out_json, "metrics file")
     refs, ref_dups = find_volumes(ref_dir)
     preds, pred_dups = find_volumes(pred_dir)
     if not refs and not ref_dups:
@@ -242,6 +500,23 @@ def evaluate_folder(
             labels_source = str(path)
         else:
             labels_source = "reference files"
+    ignore = sorted({int(v) for v in (ignore_labels or ())})
+    notes: list[str] = []
+    try:
+        dataset_ignore = dataset_ignore_label(ref_dir)
+    except ValueError as e:  # classes given as an argument: a broken dataset.json is not needed for them
+        if labels_source != "argument":
+            raise
+        dataset_ignore = None
+        notes.append(f"dataset.json not used for its ignore label: {e}")
+    if dataset_ignore is not None and dataset_ignore not in ignore:
+        ignore.append(dataset_ignore)
+    if 0 in ignore:
+        raise ValueError("the ignore label cannot be 0 (background)")
+    class_values = {int(v) for c in labels or () for v in (c if isinstance(c, tuple) else (c,))}
+    clash = sorted(set(ignore) & class_values)
+    if clash:
+        raise ValueError(f"label value(s) {clash} are both a class to score and an ignore label")
 
     errors = [{"case": c, "error": f"several reference files for case {c}: {', '.join(map(str, fs))}"}
               for c, fs in ref_dups.items()]
@@ -254,19 +529,10 @@ def evaluate_folder(
         raise ValueError(f"{pred_dir}: no prediction matches a reference case of {ref_dir} "
                          f"({len(refs)} references, {len(preds)} predictions; files pair by name)")
 
-    args = [(c, str(preds[c]), str(refs[c]), labels, float(nsd_tolerance_mm), float(empty_score)) for c in todo]
-    results: list[dict[str, Any]] = []
+    args = [(c, str(preds[c]), str(refs[c]), labels, float(nsd_tolerance_mm), float(empty_score), tuple(ignore),
+             max_voxels) for c in todo]
     bar = tqdm(total=len(args), desc="evaluate", unit="case", disable=not progress, file=sys.stderr)
-    if workers == 1:
-        for a in args:
-            results.append(evaluate_case(*a))
-            bar.update()
-    else:
-        ctx = multiprocessing.get_context("forkserver")
-        with ProcessPoolExecutor(min(workers, len(args)), mp_context=ctx) as ex:
-            for fut in as_completed([ex.submit(evaluate_case, *a) for a in args]):
-                results.append(fut.result())
-                bar.update()
+    results = _score_all(args, workers, bar)
     bar.close()
     results.sort(key=lambda r: r["case"])
 
@@ -286,7 +552,19 @@ def evaluate_folder(
     for r in scored:
         for k in keys:
             d, s = r["scores"].get(k, both_empty)  # a class in neither file of this case
-            cases.append({"case": r["case"], "class": k, "name": names.get(k, k), "dice": d, "nsd": s})
+            row = {"case": r["case"], "class": k, "name": names.get(k, k), "dice": d, "nsd": s}
+            if r.get("ignored_voxels"):
+                row["ignored_voxels"] = r["ignored_voxels"]
+            cases.append(row)
+    undeclared: dict[int, list[str]] = {}
+    for r in scored:
+        for v in r.get("undeclared_ignored", ()):
+            undeclared.setdefault(int(v), []).append(r["case"])
+    warnings = notes + [
+        f"reference value {v} is not a declared class; its voxels in {len(cs)} case(s) ({_few(cs)}) were left out "
+        f"of the scores as an ignore label (declare it: --ignore-label {v}, or score it as a class: --labels)"
+        for v, cs in sorted(undeclared.items())
+    ]
 
     per_class = {}
     for k in keys:
@@ -305,6 +583,7 @@ def evaluate_folder(
         "mean": mean,
         "missing": missing,
         "errors": errors,
+        "warnings": warnings,
         "unmatched_predictions": unmatched,
         "settings": {
             "pred_dir": str(pred_dir.resolve()),
@@ -314,6 +593,9 @@ def evaluate_folder(
             "labels_source": labels_source,
             "ignored_prediction_labels": ignored_pred_labels,
             "empty_score": None if math.isnan(empty_score) else float(empty_score),
+            "ignore_labels": sorted(set(ignore) | set(undeclared)),
+            "ignore_labels_undeclared": sorted(undeclared),
+            "max_voxels": max_voxels,
             "conventions": "class in neither file: empty_score (null = NaN, left out of means); "
                            "in one file only: dice 0, nsd 0; spacing from the reference affine",
         },
@@ -323,20 +605,37 @@ def evaluate_folder(
     return result
 
 
+def _few(items: Sequence[str], n: int = 3) -> str:
+    items = list(items)
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
 def load_metrics(path: str | os.PathLike) -> dict[str, Any]:
     """Read a metrics.json written by :func:`evaluate_folder` (null scores become NaN)."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read metrics.json: {e}") from e
-    if not isinstance(data, dict) or "cases" not in data or "mean" not in data:
-        raise ValueError(f"{path}: not a volssl metrics.json (needs 'cases' and 'mean')")
-    for c in data["cases"]:
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read metrics.json: {describe_failure(e)}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("cases"), list) or not isinstance(data.get("mean"), dict):
+        raise ValueError(f"{path}: not a volssl metrics.json (needs a 'cases' list and a 'mean' object)")
+
+    def score(value: Any, where: str) -> float:
+        if value is None:
+            return float("nan")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{path}: {where} must be a number or null, got {value!r}")
+        return float(value)
+
+    for i, c in enumerate(data["cases"]):
+        if not isinstance(c, dict):
+            raise ValueError(f"{path}: cases[{i}] must be an object with case, class, dice and nsd, got {c!r}")
         for k in ("dice", "nsd"):
-            c[k] = float("nan") if c.get(k) is None else float(c[k])
+            c[k] = score(c.get(k), f"the {k} of case {c.get('case', i)!r} class {c.get('class')!r}")
     for k in ("dice", "nsd"):
-        data["mean"][k] = float("nan") if data["mean"].get(k) is None else float(data["mean"][k])
+        data["mean"][k] = score(data["mean"].get(k), f"mean.{k}")
     return data
 
 

@@ -28,8 +28,9 @@ def _label_suffix(path: Path) -> str | None:
 
 
 def label_files(src: Path, what: str) -> dict[str, Path]:
-    if not src.exists():
-        raise FileNotFoundError(f"{what} {src}: not found")
+    from volssl.util.errors import check_input_path
+
+    src = check_input_path(src, what)
     if src.is_dir() and _label_suffix(src) is None:
         files = [f for f in sorted(src.iterdir()) if not f.name.startswith(".") and _label_suffix(f)]
     else:
@@ -53,7 +54,9 @@ def read_labels(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
         try:
             arr, spacing = np.load(path), (1.0, 1.0, 1.0)
         except (OSError, ValueError) as e:
-            raise ValueError(f"{path}: cannot read: {e}") from None
+            from volssl.util.errors import describe_failure
+
+            raise ValueError(f"{path}: cannot read as a .npy array: {describe_failure(e)}") from None
     else:
         try:
             arr, affine = read_volume(path, spacing=(1.0, 1.0, 1.0))
@@ -114,13 +117,20 @@ def evaluate_instances_folder(seg_dir: str | os.PathLike, gt_dir: str | os.PathL
     """
     from tqdm import tqdm
 
+    from volssl.evaluation.evaluate import check_pair_size
     from volssl.evaluation.instance_metrics import evaluate_instances
     from volssl.util.atomic import write_json_atomic
+    from volssl.util.errors import check_input_path, check_output_file, describe_failure
 
-    if skeletons not in ("gt", "none") and not Path(skeletons).is_dir():
-        raise FileNotFoundError(f"--skeletons {skeletons}: not 'gt', 'none' or a folder")
+    if merge_penalty not in ("skeleton", "segment"):
+        raise ValueError(f"merge_penalty must be 'skeleton' or 'segment', got {merge_penalty!r}")
+    if skeletons not in ("gt", "none"):
+        if not Path(skeletons).exists() and not Path(skeletons).is_symlink():
+            raise FileNotFoundError(f"--skeletons {skeletons}: not 'gt', 'none' or a folder")
+        check_input_path(skeletons, "--skeletons folder", kind="dir")
     segs = label_files(Path(seg_dir), "SEG_DIR")
     gts = label_files(Path(gt_dir), "GT_DIR")
+    check_output_file(out, "metrics file")  # before any case is read
     if len(segs) == 1 and len(gts) == 1 and Path(seg_dir).is_file():  # two single files
         segs = {next(iter(gts)): next(iter(segs.values()))}
     cases, errors = [], []
@@ -129,6 +139,7 @@ def evaluate_instances_folder(seg_dir: str | os.PathLike, gt_dir: str | os.PathL
                file=sys.stderr)
     for case in bar:
         try:
+            check_pair_size(segs[case], gts[case])  # from the headers: nothing read yet
             seg, _ = read_labels(segs[case])
             gt, spacing = read_labels(gts[case])
             if seg.shape != gt.shape:
@@ -136,9 +147,14 @@ def evaluate_instances_folder(seg_dir: str | os.PathLike, gt_dir: str | os.PathL
             skels = _skeletons_for(case, gt, skeletons)
             m = evaluate_instances(seg, gt, skels, spacing=spacing, merge_penalty=merge_penalty)
             cases.append({"case": case, **m})
-        except (ValueError, OSError, MemoryError) as e:
-            errors.append({"case": case, "error": str(e)})
-            print(f"volssl evaluate-instances: warning: case {case} not scored: {e}", file=sys.stderr)
+        except Exception as e:  # noqa: BLE001 - one bad pair must not stop the others
+            msg = describe_failure(e)
+            if isinstance(e, MemoryError) and str(segs[case]) not in msg and str(gts[case]) not in msg:
+                msg = f"out of memory while scoring {segs[case]} against {gts[case]}"
+            elif str(segs[case]) not in msg and str(gts[case]) not in msg:
+                msg = f"{segs[case]} vs {gts[case]}: {msg}"
+            errors.append({"case": case, "error": msg})
+            print(f"volssl evaluate-instances: warning: case {case} not scored: {msg}", file=sys.stderr)
     keys = [k for k in (cases[0] if cases else {}) if k != "case"]
     mean = {k: _nanmean(np.array([float(c[k]) for c in cases], dtype=np.float64)) for k in keys}
     result = {

@@ -29,6 +29,7 @@ A fine-tuned model (:func:`load_finetuned`) is a run directory holding ``checkpo
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import sys
@@ -48,7 +49,8 @@ from volssl.data.quality import QualityRules, check_case
 from volssl.data.readers import NIBABEL_SUFFIXES, SourceCase, discover, sanitize_id, source_axes, volume_suffix
 from volssl.inference.sliding_window import sliding_window_predict
 from volssl.util.atomic import atomic_path, write_json_atomic
-from volssl.util.errors import describe_error
+from volssl.util.errors import describe_failure
+from volssl.util.paths import check_output_dir
 
 CHECKPOINT_NAMES = ("final.pt", "best.pt", "latest.pt")
 # structural rules only: a small, thick-sliced or small-FOV scan is still predicted
@@ -430,6 +432,21 @@ def predict_case(
 # ---------------------------------------------------------------------------------------------- the folder
 
 
+_UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+
+
+def _output_unwritable(e: BaseException, output_dir: Path) -> bool:
+    """``e`` says a file under ``output_dir`` cannot be written (permission, read-only, disk full)."""
+    if not isinstance(e, OSError) or e.errno not in _UNWRITABLE:
+        return False
+    if e.filename is None:
+        return e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+    try:
+        return Path(os.fsdecode(e.filename)).resolve().is_relative_to(output_dir)
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def predict_folder(
     model: FineTunedModel | str | os.PathLike,
     input_dir: str | os.PathLike,
@@ -466,6 +483,12 @@ def predict_folder(
         the summary (also written to ``output_dir/predict.json``): ``{"input", "output", "model",
         "n_cases", "n_predicted", "n_failed", "predicted": [per-case dicts], "failed": [{"case",
         "files", "path", "reason"}], "settings": {...}, "seconds"}``. A bad input never stops the run.
+
+    Raises:
+        ValueError: ``output_dir`` is an existing file or cannot be written (checked before the model
+            is loaded), bad arguments, no input volumes.
+        OSError: an output file cannot be written (permission denied, read-only file system, disk
+            full): the run stops there instead of predicting cases it cannot save.
     """
     from tqdm import tqdm
 
@@ -474,15 +497,15 @@ def predict_folder(
         raise ValueError(f"overlap must be in [0, 1), got {overlap!r}")
     if sw_batch_size < 1:
         raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
+    # the output folder is checked (not a file, writable) before the model is loaded or a case predicted
+    output_dir = check_output_dir(output_dir, "output folder")
     dev = resolve_device(device)
     if not isinstance(model, FineTunedModel):
         model = load_finetuned(model, dev)
     model.network.to(dev).eval()
-    output_dir = Path(output_dir).expanduser().resolve()
     cases = find_inputs(input_dir, spacing=spacing or model.input_spacing, exclude=output_dir)
     if not cases:
         raise ValueError(f"{input_dir}: no volume files found")
-    output_dir.mkdir(parents=True, exist_ok=True)
 
     predicted, failed = [], []
     bar = tqdm(cases, desc="predict", unit="case", disable=not progress, file=sys.stderr, dynamic_ncols=True)
@@ -493,11 +516,13 @@ def predict_folder(
         except Exception as e:  # noqa: BLE001 - an odd file (or a bug) must not stop the run
             if isinstance(e, torch.cuda.OutOfMemoryError):
                 torch.cuda.empty_cache()
+            if _output_unwritable(e, output_dir):  # every later case would fail the same way, after its work
+                raise
             path = case.images[0] if case.images else case.id
             if isinstance(e, MemoryError):
                 reason = "out of memory while predicting"
             else:
-                reason = describe_error(e)
+                reason = describe_failure(e)
             result = {"case": case.id, "files": list(case.images), "path": path,
                       "reason": f"{Path(path).name}: {reason}"}
         (failed if "reason" in result else predicted).append(result)
