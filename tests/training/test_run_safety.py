@@ -308,10 +308,31 @@ def test_a_disposable_run_killed_before_its_first_checkpoint_starts_over(tmp_pat
 
     def cell(out, resume=False, overwrite=False):
         calls.append((resume, overwrite))
-        return run(out, resume=resume, overwrite=overwrite)
+        return run(out, resume=resume, overwrite=overwrite)[0]
 
-    again, _ = resume_or_start_over(cell, out)
+    again = resume_or_start_over(cell, out)
     assert calls == [(True, False), (False, True)]
     assert again["step"] == summary["step"] == STEPS and (out / "checkpoints" / "latest.pt").is_file()
     steps = [r["step"] for r in rows(out)]
     assert steps == sorted(set(steps)) and steps[-1] == STEPS  # the old rows were replaced, not appended to
+
+
+def test_a_run_stopped_by_a_signal_stops_its_caller(tmp_path, monkeypatch):
+    # SIGTERM on a benchmark once ended the cell's fine-tuning early; the cell then predicted with the
+    # half-trained network and wrote metrics.json as if it had finished. A stopped disposable run now raises
+    # RunStopped, which a benchmark's failed-cell handler does not swallow
+    from volssl import benchmark
+    from volssl.training.trainer import RunStopped, resume_or_start_over
+
+    def cell(out, resume=False, overwrite=False):
+        return run(out, resume=resume, overwrite=overwrite, stop_at=5)[0]
+
+    with pytest.raises(RunStopped, match="SIGUSR1 at step 6"):
+        resume_or_start_over(cell, tmp_path / "cell")
+
+    def stopped(job):
+        raise RunStopped("stopped")
+
+    monkeypatch.setattr(benchmark, "run_cell", stopped)
+    with pytest.raises(RunStopped):
+        benchmark.safe_cell({"method": "m", "dataset_name": "d", "n_train": 2, "seed": 0, "run": str(tmp_path)})

@@ -163,7 +163,7 @@ def report_error(e: BaseException, args: argparse.Namespace) -> int:
     if debug:
         traceback.print_exception(e, file=sys.stderr)
     if isinstance(e, KeyboardInterrupt):
-        print(f"{prefix}: interrupted", file=sys.stderr)
+        print(f"{prefix}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
     else:
         print(f"{prefix}: error: {user_message(e)}", file=sys.stderr)
     return code

@@ -224,15 +224,34 @@ class NoIntactCheckpoint(ValueError):
     checkpoint) catches it and starts over with ``overwrite=True``; a user's run is refused."""
 
 
+class RunStopped(KeyboardInterrupt):
+    """A run stopped by a signal (SIGTERM, SIGUSR1, SIGINT) before its last step, its ``latest.pt`` saved.
+
+    A caller that chains runs (benchmark, search, demo) must stop too rather than predict with a half-trained
+    network; as a KeyboardInterrupt it passes every ``except Exception`` (a benchmark's failed-cell
+    handler) and process pool, and the command ends as interrupted (exit 130) naming the run.
+    """
+
+
+def require_finished(summary: dict[str, Any], run: str | os.PathLike) -> dict[str, Any]:
+    """``summary`` (of :func:`run_loop`) if the run finished, else :class:`RunStopped`."""
+    if summary.get("status") != "finished":
+        raise RunStopped(f"{run} stopped by {summary.get('signal') or 'a signal'} at step {summary.get('step')}; "
+                         "rerun the same command to resume")
+    return summary
+
+
 def resume_or_start_over(run: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """``run(*args, resume=True, **kwargs)``; if that finds a run with no intact checkpoint
-    (:class:`NoIntactCheckpoint`, e.g. a run killed before its first checkpoint), start it over with
-    ``overwrite=True``. For disposable runs only (benchmark cells, search trials, the demo's runs)."""
+    """``run(*args, resume=True, **kwargs)`` for a run that must finish (:func:`require_finished`); if that
+    finds a run with no intact checkpoint (:class:`NoIntactCheckpoint`, e.g. a run killed before its first
+    checkpoint), start it over with ``overwrite=True``. For disposable runs only (benchmark cells, search
+    trials, the demo's runs); ``args[2]`` is the run folder."""
     try:
-        return run(*args, resume=True, **kwargs)
+        summary = run(*args, resume=True, **kwargs)
     except NoIntactCheckpoint as e:
         print(f"volssl: {e}; a disposable run: starting it over", file=sys.stderr, flush=True)
-        return run(*args, resume=False, overwrite=True, **kwargs)
+        summary = run(*args, resume=False, overwrite=True, **kwargs)
+    return require_finished(summary, args[2] if len(args) > 2 else "the run")
 
 
 def _checkpoint_entries(ckpt_dir: Path) -> list[Path]:
