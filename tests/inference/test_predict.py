@@ -271,3 +271,22 @@ def test_label_values_follow_the_labels_and_errors_do_not_stop_the_run(tmp_path)
     summary = predict_folder(model, src, tmp_path / "out2", mirror_axes=(), device="cpu", progress=False)
     assert summary["n_predicted"] == 0 and [f["case"] for f in summary["failed"]] == ["a", "b"]
     assert all("RuntimeError: boom" in f["reason"] for f in summary["failed"])
+
+
+def test_a_volume_larger_than_memory_allows_is_refused_from_its_header(tmp_path, monkeypatch):
+    # a 300 kB header declaring 640^3 float32 must fail that case from its header, not allocate 1 GB
+    import volssl.inference.predict as predict_module
+
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(NIB_DATA / "anatomical.nii", src / "good.nii")
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((640, 640, 640))
+    hdr.set_data_dtype(np.float32)
+    (src / "huge.nii").write_bytes(hdr.binaryblock + b"\0" * 4 + b"\1" * 300_000)
+    monkeypatch.setattr(predict_module, "default_max_voxels", lambda: 200 ** 3)
+    plan = PreprocessPlan(name="native", target_spacing=None)
+    summary = predict_folder(make_model(plan), src, tmp_path / "out", mirror_axes=(), device="cpu", progress=False)
+    assert [p["case"] for p in summary["predicted"]] == ["good"]
+    (failed,) = summary["failed"]
+    assert failed["case"] == "huge" and "640" in failed["reason"] and "limit" in failed["reason"]

@@ -33,6 +33,34 @@ def _threshold(text: str, what: str) -> float | None:
     return value
 
 
+def _max_voxels(text: str) -> int | str | None:
+    """``--max-voxels``: "auto", "off"/"none", an integer (``1e9`` allowed), ``N^3`` or ``AxBxC``."""
+    t = text.strip().lower().replace(" ", "").replace("_", "").replace(",", "")
+    if t == "auto":
+        return "auto"
+    if t in ("off", "none"):
+        return None
+    try:
+        if "^3" in t and t.endswith("^3"):
+            value = int(t[:-2]) ** 3
+        elif "x" in t:
+            dims = [int(v) for v in t.split("x")]
+            if len(dims) != 3:
+                raise ValueError
+            value = dims[0] * dims[1] * dims[2]
+        else:
+            f = float(t)
+            if f != int(f):
+                raise ValueError
+            value = int(f)
+    except (ValueError, OverflowError):
+        raise ValueError(f"--max-voxels must be a number of voxels (e.g. 268435456, 2.7e8, 640^3 or 512x512x1024), "
+                         f"'auto' or 'off', got {text!r}") from None
+    if value < 1:
+        raise ValueError(f"--max-voxels must be >= 1, got {text!r}")
+    return value
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "preprocess",
@@ -60,6 +88,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-spacing", metavar="MM|off", help="exclude volumes with a spacing above this (default 6.5)")
     p.add_argument("--min-file-kb", metavar="KB|off",
                    help="exclude files smaller than this, 1 kB = 1000 B (default 200)")
+    p.add_argument("--max-voxels", default="auto", metavar="N|auto|off",
+                   help="exclude volumes whose header declares more voxels than this (per file, checked before "
+                        "any data is read; e.g. 640^3 or 2.7e8); 'auto' (default): available memory / 32 bytes")
+    p.add_argument("--zarr-allow-missing-chunks", action="store_true",
+                   help="read chunk files missing from a Zarr store as its fill value (with a warning) instead of "
+                        "excluding the volume; for writers that leave out empty chunks (zarr-python 3 does)")
     p.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)),
                    help="parallel processes (default: CPU count, at most 8)")
     p.add_argument("--shard", default="0/1", metavar="i/n", help="process shard i of n (0-based), e.g. 0/4")
@@ -98,12 +132,17 @@ def build_plan(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from volssl.data.preprocess import parse_shard, preprocess
+    from volssl.util.paths import check_output_dir
 
     plan = build_plan(args)
     spacing = _floats(args.spacing, 3, "--spacing") if args.spacing else None
+    shard = parse_shard(args.shard)
+    max_voxels = _max_voxels(getattr(args, "max_voxels", "auto"))
+    check_output_dir(args.out, "output folder")  # a file, or not writable: refused before any work
     summary = preprocess(
-        args.src, args.out, plan, shard=parse_shard(args.shard), workers=args.workers, spacing=spacing,
-        strict=args.strict, progress=not args.no_progress,
+        args.src, args.out, plan, shard=shard, workers=args.workers, spacing=spacing,
+        strict=args.strict, progress=not args.no_progress, max_voxels=max_voxels,
+        allow_missing_chunks=bool(getattr(args, "zarr_allow_missing_chunks", False)),
     )
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2))

@@ -41,6 +41,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from volssl.data.dataset_json import read_dataset_json
 from volssl.data.geometry import GeometryRecord, nonzero_bbox, ras_orientation, reorient
 from volssl.data.quality import QualityRules, check_case
 from volssl.data.readers import SourceCase, discover, fingerprint, is_nnunet_dataset
@@ -69,9 +70,9 @@ def naming_problems(root: str | os.PathLike) -> list[str]:
     root = Path(root)
     meta_path = root / "dataset.json"
     try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        return [f"{meta_path}: cannot read dataset.json ({e})"]
+        meta = read_dataset_json(root)
+    except ValueError as e:  # read_dataset_json names the file and the field
+        return [str(e)]
     if isinstance(meta.get("dataset"), dict) or isinstance(meta.get("training"), list):
         return []
     names = meta.get("channel_names") or meta.get("modality")
@@ -195,7 +196,7 @@ def _cases_of(source: str | os.PathLike | Sequence[SourceCase], splits: Iterable
                                                      else "")
                 raise ValueError(f"{root}: {len(problems)} file naming problem(s) (nnU-Net v2 layout: "
                                  f"imagesTr/<case>_XXXX<ending>, labelsTr/<case><ending>):\n  {shown}")
-            meta = json.loads((root / "dataset.json").read_text())
+            meta = read_dataset_json(root)
         cases, where = discover(root), str(root)
     else:
         cases, meta, where = list(source), None, None

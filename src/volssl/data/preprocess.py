@@ -19,14 +19,32 @@ is redone. An OUT written with another plan is refused.
 Sharding: case ``k`` belongs to shard ``blake2b(id) mod n`` (stable when cases are added). Each
 shard appends to its own manifest file and report ``report-shard-i-of-n.json``; each shard also
 rewrites the merged ``report.json`` from the shard reports present.
+
+Untrusted inputs (see :mod:`volssl.data.readers`): each volume's header is checked against
+``max_voxels`` before its data are read (default :func:`volssl.data.readers.default_max_voxels`:
+available memory / 32 B; not part of the plan, so shards on different machines agree); Zarr
+volumes with missing chunk files are excluded unless ``allow_missing_chunks``. Cases excluded for
+either rule ("too_large", "missing_chunks") are checked again on every run, so a rerun with a
+larger limit or the flag picks them up. Notes about cases that are used anyway (no label map, a
+NIfTI read with assumed 1 mm voxels) and about the dataset (label files without images, ignored
+files) are listed under ``"warnings"`` in the reports and the printed summary; a case's notes are
+kept in its manifest row (key ``warnings``) so that a resumed run still reports them.
+
+Process hygiene: every worker watches the main process and exits within a second when it is gone
+(killed with SIGKILL, which leaves no chance to stop the pool), instead of finishing its case and
+idling forever.
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import multiprocessing
 import os
+import re
+import signal
 import sys
+import threading
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -41,12 +59,16 @@ import numpy as np
 from volssl.data.geometry import GeometryRecord, from_reoriented, nonzero_bbox, ras_orientation, reorient
 from volssl.data.manifest import CaseRecord, ManifestWriter, read_manifest
 from volssl.data.quality import Problem, QualityRules, check_case
-from volssl.data.readers import SourceCase, discover, fingerprint, source_axes
+from volssl.data.readers import SourceCase, default_max_voxels, discover, fingerprint, source_axes
 from volssl.data.storage import SUFFIX, save_array
 from volssl.util.atomic import write_json_atomic
 from volssl.util.errors import describe_error
 
 NORMALIZATIONS = ("zscore", "zscore_nonzero", "ct", "none")
+#: exclusion rules that depend on the run's options, not on the file alone: such cases are retried every run
+RETRY_RULES = ("too_large", "missing_chunks")
+#: warnings printed in the summary (all are in report.json)
+MAX_PRINTED_WARNINGS = 50
 #: the keys of one channel's entry of ``PreprocessPlan.ct_intensities`` (dataset-wide foreground statistics)
 CT_INTENSITY_KEYS = ("mean", "std", "percentile_00_5", "percentile_99_5")
 PLAN_VERSION = 1
@@ -214,6 +236,8 @@ class PreprocessSummary:
     report: str = ""
     seconds: float = 0.0
     strict: bool = False
+    warnings: list[dict] = field(default_factory=list)  # {"id" (None: the dataset), "path", "rule", "reason"}
+    max_voxels: int | None = None  # the size limit of one input volume used (None: none)
 
     @property
     def exit_code(self) -> int:
@@ -236,6 +260,12 @@ class PreprocessSummary:
             for e in self.excluded:
                 for p in e.get("problems") or [{"path": (e.get("source") or [e["id"]])[0], "reason": e["reason"]}]:
                     lines.append(f"  {e['id']}: {p['path']}: {p['reason']}")
+        if self.warnings:
+            lines.append(f"warnings ({len(self.warnings)}):")
+            for w in self.warnings[:MAX_PRINTED_WARNINGS]:
+                lines.append(f"  {w['id'] + ': ' if w.get('id') else ''}{w['path']}: {w['reason']}")
+            if len(self.warnings) > MAX_PRINTED_WARNINGS:
+                lines.append(f"  ... and {len(self.warnings) - MAX_PRINTED_WARNINGS} more (see {self.report})")
         return "\n".join(lines)
 
 
@@ -353,17 +383,31 @@ def _paths(out: Path, case_id: str) -> tuple[Path, Path, Path]:
             out / "props" / f"{case_id}.json")
 
 
-def _base_record(case: SourceCase, checksum: str) -> CaseRecord:
-    return CaseRecord(
+@dataclass
+class CaseRow(CaseRecord):
+    """A manifest row with the notes about its case: ``warnings`` ``[{"rule", "path", "reason"}]`` or
+    None. Written as the row's ``warnings`` key (:func:`volssl.data.manifest.read_manifest` ignores
+    it; :func:`manifest_warnings` reads it back for the reports)."""
+
+    warnings: list[dict] | None = None
+
+
+def _warning_dicts(warnings: list[Problem] | None) -> list[dict] | None:
+    return [w.to_dict() for w in warnings] if warnings else None
+
+
+def _base_record(case: SourceCase, checksum: str, warnings: list[Problem] | None = None) -> CaseRow:
+    return CaseRow(
         id=case.id, channels=list(case.channels), source=list(case.images), label_source=case.label,
-        subject=case.subject, split=case.split, checksum=checksum,
+        subject=case.subject, split=case.split, checksum=checksum, warnings=_warning_dicts(warnings),
     )
 
 
-def _excluded(case: SourceCase, checksum: str, problems: list[Problem], out: Path) -> CaseRecord:
+def _excluded(case: SourceCase, checksum: str, problems: list[Problem], out: Path,
+              warnings: list[Problem] | None = None) -> CaseRow:
     for p in _paths(out, case.id):  # a case that was fine before its source changed
         p.unlink(missing_ok=True)
-    rec = _base_record(case, checksum)
+    rec = _base_record(case, checksum, warnings)
     rec.status = "excluded"
     rec.reason = "; ".join(f"{Path(p.path).name}: {p.reason}" for p in problems)
     rec.problems = [p.to_dict() for p in problems]
@@ -371,25 +415,30 @@ def _excluded(case: SourceCase, checksum: str, problems: list[Problem], out: Pat
 
 
 def process_case(
-    case: SourceCase, checksum: str | None = None, *, out: str | os.PathLike, plan: PreprocessPlan
-) -> CaseRecord:
+    case: SourceCase, checksum: str | None = None, *, out: str | os.PathLike, plan: PreprocessPlan,
+    max_voxels: int | None = None, allow_missing_chunks: bool = False,
+) -> CaseRow:
     """Check and preprocess one case, write its arrays and props; returns its manifest row.
 
     Never raises for a bad input: problems become an "excluded" row (unexpected errors get rule
     "error" with the exception). The row is not written here (the caller owns the manifest).
+    ``max_voxels`` and ``allow_missing_chunks``: see :func:`volssl.data.quality.check_case`.
     """
     out = Path(out)
     checksum = checksum or fingerprint([*case.images, case.label])
+    warnings: list[Problem] = []
     try:
-        checked = check_case(case, plan.rules)
+        checked = check_case(case, plan.rules, max_voxels=max_voxels, allow_missing_chunks=allow_missing_chunks)
+        warnings = checked.warnings
         if not checked.ok:
-            return _excluded(case, checksum, checked.problems, out)
-        return _preprocess_checked(case, checked.image, checked.affine, checked.label, out, plan, checksum)
+            return _excluded(case, checksum, checked.problems, out, warnings)
+        return _preprocess_checked(case, checked.image, checked.affine, checked.label, out, plan, checksum,
+                                   warnings)
     except MemoryError:
         problem = Problem("error", case.images[0] if case.images else case.id, "out of memory while preprocessing")
     except Exception as e:  # noqa: BLE001 - a bug or an odd file must not stop the run
         problem = Problem("error", case.images[0] if case.images else case.id, describe_error(e))
-    return _excluded(case, checksum, [problem], out)
+    return _excluded(case, checksum, [problem], out, warnings)
 
 
 def preprocess_arrays(
@@ -434,7 +483,8 @@ def preprocess_arrays(
     return image_p, label_p, record, stats
 
 
-def _preprocess_checked(case, image, affine, label, out: Path, plan: PreprocessPlan, checksum: str) -> CaseRecord:
+def _preprocess_checked(case, image, affine, label, out: Path, plan: PreprocessPlan, checksum: str,
+                        warnings: list[Problem] | None = None) -> CaseRow:
     image_p, label_p, record, stats = preprocess_arrays(image, affine, plan, label, source_axes(case.images[0]))
     del image, label
     img_path, lab_path, props_path = _paths(out, case.id)
@@ -458,8 +508,10 @@ def _preprocess_checked(case, image, affine, label, out: Path, plan: PreprocessP
             plan.class_samples, plan.class_samples_total, plan.seed, case.id,
         ) if label_p is not None else {},
     }
+    if warnings:
+        props["warnings"] = _warning_dicts(warnings)
     write_json_atomic(props_path, props)
-    rec = _base_record(case, checksum)
+    rec = _base_record(case, checksum, warnings)
     rec.shape = [int(image_p.shape[0]), *record.shape]
     rec.spacing = list(record.spacing)
     rec.has_label = label_p is not None
@@ -477,6 +529,80 @@ def _mp_context():
     return ctx
 
 
+#: seconds between two looks of a worker at the main process
+PARENT_POLL_S = 0.5
+_PR_SET_PDEATHSIG = 1
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of process ``pid`` (field 22 of /proc/<pid>/stat; tells a reused pid apart), or
+    None where /proc is not available."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            text = fh.read().decode("ascii", "replace")
+        return text[text.rindex(")") + 2:].split()[19]
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _process_alive(pid: int, start: str | None) -> bool:
+    """Whether process ``pid`` (started at ``start``, see :func:`_process_start`) still runs: a
+    zombie (killed, not yet reaped by its parent) or a new process under the same pid counts as gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            text = fh.read().decode("ascii", "replace")
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    try:
+        fields = text[text.rindex(")") + 2:].split()
+    except ValueError:
+        return True
+    if fields and fields[0] in ("Z", "X"):
+        return False
+    return start is None or len(fields) < 20 or fields[19] == start
+
+
+def _watch_main(main_pid: int, start: str | None, poll_s: float) -> None:
+    while _process_alive(main_pid, start):
+        time.sleep(poll_s)
+    os._exit(70)  # the main process is gone: nobody will collect this worker's result
+
+
+def _worker_init(main_pid: int, start: str | None, poll_s: float = PARENT_POLL_S) -> None:
+    """Initializer of every pool worker: exit as soon as the main process ``main_pid`` is gone.
+
+    A worker's parent is the forkserver, which exits when the main process dies; on Linux the
+    kernel then kills the worker (``prctl(PR_SET_PDEATHSIG, SIGKILL)``). A daemon thread also polls
+    the main process every ``poll_s`` seconds (any OS, and a forkserver that outlives it).
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            parent = os.getppid()
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            if os.getppid() != parent:  # the parent died before the request took effect
+                os._exit(70)
+        except (OSError, AttributeError):
+            pass
+    threading.Thread(target=_watch_main, args=(main_pid, start, poll_s), name="volssl-watch-main",
+                     daemon=True).start()
+
+
+def _pool(workers: int, ctx) -> ProcessPoolExecutor:
+    """A process pool whose workers exit when this process is gone (:func:`_worker_init`)."""
+    me = os.getpid()
+    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
+                               initargs=(me, _process_start(me)))
+
+
 def _run_isolated(
     work: Callable[..., CaseRecord], cases: list[SourceCase], out: Path, checksums: dict[str, str]
 ) -> Iterator[CaseRecord]:
@@ -486,7 +612,7 @@ def _run_isolated(
     ex = None
     try:
         for case in cases:
-            ex = ex or ProcessPoolExecutor(1, mp_context=ctx)
+            ex = ex or _pool(1, ctx)
             try:
                 yield ex.submit(work, case, checksums[case.id]).result()
             except BrokenProcessPool:
@@ -517,7 +643,7 @@ def _map_cases(
     ctx = _mp_context()
     while pending:
         suspects: list[SourceCase] = []
-        with ProcessPoolExecutor(workers, mp_context=ctx) as ex:
+        with _pool(workers, ctx) as ex:
             inflight: dict = {}
             while pending or inflight:
                 while pending and len(inflight) < 2 * workers:
@@ -576,15 +702,60 @@ def _report_entry(rec: CaseRecord) -> dict:
             "problems": rec.problems or []}
 
 
-def _write_reports(out: Path, shard: int, n_shards: int, rows: list[CaseRecord], plan_dict: dict) -> Path:
+_ROW_ID = re.compile(r'^\{"id":\s*"((?:[^"\\]|\\.)*)"')
+
+
+def manifest_warnings(out: str | os.PathLike) -> dict[str, list[dict]]:
+    """The ``warnings`` of the manifest rows under ``out`` (:class:`CaseRow`), by case id (the last
+    row of an id wins, as in :func:`volssl.data.manifest.read_manifest`); ids without any are left out."""
+    found: dict[str, list[dict]] = {}
+    folder = Path(out) / "manifest"
+    if not folder.is_dir():
+        return found
+    for path in sorted(folder.glob("shard-*.jsonl")):
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if not line.endswith("\n"):
+                    break  # torn last line
+                m = _ROW_ID.match(line)
+                if m is None:
+                    continue
+                if '"warnings":' not in line or '"warnings":null' in line:
+                    found.pop(json.loads(f'"{m.group(1)}"'), None)
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if row.get("warnings"):
+                    found[row["id"]] = row["warnings"]
+                else:
+                    found.pop(row["id"], None)
+    return found
+
+
+def _warning_entries(rows: list[CaseRecord], out: Path, dataset_warnings: list[dict]) -> list[dict]:
+    """The report's ``warnings``: the dataset's (``id`` None or a case of ``rows``), then the cases'."""
+    ids = {r.id for r in rows}
+    entries = [dict(w) for w in dataset_warnings if w.get("id") is None or w["id"] in ids]
+    stored = manifest_warnings(out)
+    for r in rows:
+        for w in stored.get(r.id, []):
+            entries.append({"id": r.id, **w})
+    return entries
+
+
+def _write_reports(out: Path, shard: int, n_shards: int, rows: list[CaseRecord], plan_dict: dict,
+                   warnings: list[dict] | None = None) -> Path:
     excluded = [_report_entry(r) for r in rows if not r.ok]
     shard_report = {
         "shard": shard, "n_shards": n_shards, "n_cases": len(rows), "n_ok": sum(r.ok for r in rows),
-        "n_excluded": len(excluded), "excluded": excluded,
+        "n_excluded": len(excluded), "excluded": excluded, "warnings": warnings or [],
     }
     write_json_atomic(out / f"report-shard-{shard:05d}-of-{n_shards:05d}.json", shard_report)
     merged = {"n_shards": n_shards, "shards_reported": [], "n_cases": 0, "n_ok": 0, "n_excluded": 0,
-              "plan": plan_dict, "excluded": []}
+              "plan": plan_dict, "excluded": [], "warnings": []}
+    seen: set[str] = set()
     for path in sorted(out.glob(f"report-shard-*-of-{n_shards:05d}.json")):
         try:
             part = json.loads(path.read_text())
@@ -594,6 +765,11 @@ def _write_reports(out: Path, shard: int, n_shards: int, rows: list[CaseRecord],
         for k in ("n_cases", "n_ok", "n_excluded"):
             merged[k] += part[k]
         merged["excluded"].extend(part["excluded"])
+        for w in part.get("warnings", []):  # dataset-level notes are in every shard's report: once here
+            key = json.dumps(w, sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                merged["warnings"].append(w)
     merged["complete"] = len(merged["shards_reported"]) == n_shards
     write_json_atomic(out / "report.json", merged)
     return out / "report.json"
@@ -603,7 +779,8 @@ def _finished(rec: CaseRecord | None, checksum: str, out: Path) -> bool:
     if rec is None or rec.checksum != checksum:
         return False
     if not rec.ok:
-        return True
+        # excluded for the run's options (size limit, missing Zarr chunks): cheap to check again
+        return not any(p.get("rule") in RETRY_RULES for p in rec.problems or [])
     img, lab, props = _paths(out, rec.id)
     return img.exists() and props.exists() and (lab.exists() or not rec.has_label)
 
@@ -617,6 +794,8 @@ def preprocess(
     spacing: tuple[float, float, float] | None = None,
     strict: bool = False,
     progress: bool = True,
+    max_voxels: int | str | None = "auto",
+    allow_missing_chunks: bool = False,
 ) -> PreprocessSummary:
     """Quality-filter and preprocess every case of ``src`` that falls in ``shard`` into ``out``.
 
@@ -630,6 +809,11 @@ def preprocess(
         strict: make ``summary.exit_code`` 3 when anything in the shard is excluded (the run itself
             never stops for a bad file).
         progress: show a tqdm bar on stderr.
+        max_voxels: largest volume read (voxels of one file, from its header, before any data):
+            "auto" (:func:`volssl.data.readers.default_max_voxels`, from the available memory), an
+            integer, or None (no limit). Larger volumes are excluded (rule "too_large").
+        allow_missing_chunks: read Zarr chunk files missing from the store as the fill value (with a
+            warning) instead of excluding the volume (rule "missing_chunks").
 
     Returns:
         the shard's :class:`PreprocessSummary` (also written as reports under ``out``).
@@ -643,8 +827,14 @@ def preprocess(
         raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if max_voxels == "auto":
+        max_voxels = default_max_voxels()
+    elif max_voxels is not None and (isinstance(max_voxels, (str, bool)) or int(max_voxels) < 1):
+        raise ValueError(f"max_voxels must be 'auto', None or an integer >= 1, got {max_voxels!r}")
+    max_voxels = int(max_voxels) if max_voxels is not None else None
     out = Path(out).expanduser().resolve()
-    cases = [c for c in discover(src, spacing=spacing) if shard_of(c.id, n) == i]
+    dataset_warnings: list[dict] = []
+    cases = [c for c in discover(src, spacing=spacing, warnings=dataset_warnings) if shard_of(c.id, n) == i]
     out.mkdir(parents=True, exist_ok=True)
     plan_dict = {"version": PLAN_VERSION, **plan.to_dict(),
                  "input_spacing": list(map(float, spacing)) if spacing is not None else None}
@@ -654,7 +844,8 @@ def preprocess(
     checksums = {c.id: fingerprint([*c.images, c.label]) for c in cases}
     todo = [c for c in cases if not _finished(existing.get(c.id), checksums[c.id], out)]
     _clean_stray_temps(out, {c.id for c in todo})
-    work = partial(process_case, out=str(out), plan=plan)
+    work = partial(process_case, out=str(out), plan=plan, max_voxels=max_voxels,
+                   allow_missing_chunks=allow_missing_chunks)
 
     n_processed = 0
     bar = tqdm(total=len(todo), desc=f"preprocess {i}/{n}", unit="vol", disable=not progress,
@@ -671,11 +862,13 @@ def preprocess(
 
     manifest = read_manifest(out)
     rows = [manifest[c.id] for c in cases if c.id in manifest]
-    report = _write_reports(out, i, n, rows, plan_dict)
+    warnings = _warning_entries(rows, out, dataset_warnings)
+    report = _write_reports(out, i, n, rows, plan_dict, warnings)
     excluded = [_report_entry(r) for r in rows if not r.ok]
     return PreprocessSummary(
         out=str(out), shard=i, n_shards=n, n_cases=len(cases), n_ok=sum(r.ok for r in rows),
         n_excluded=len(excluded), n_processed=n_processed, n_skipped=len(cases) - len(todo),
         excluded=excluded, report=str(report), seconds=time.perf_counter() - t0, strict=strict,
+        warnings=warnings, max_voxels=max_voxels,
     )
 

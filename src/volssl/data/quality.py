@@ -2,24 +2,32 @@
 
 The defaults are the S3D paper's pre-training filter (FOV < 50 mm on any axis, spacing > 6.5 mm on
 any axis, file < 200 kB); each is switched off with ``None``. The structural rules are always on:
-unreadable/truncated file, not 3D (a trailing axis of size 1 is fine), non-finite or constant image,
-channels on different grids, label map on a different grid (shape or affine), non-integer label
-values, label values not declared in dataset.json.
+not a regular file (a named pipe, a symbolic link loop), unreadable/truncated file, not 3D (a
+trailing axis of size 1 is fine), complex or colour voxels, larger than the run's voxel limit
+(read from the header, before any data), missing Zarr chunks, zero/negative voxel size, non-finite
+or constant image, values beyond float32 range (the image is stored as float32), channels on
+different grids, label map on a different grid (shape or affine), non-integer label values, label
+values not declared in dataset.json.
 
 Each rule is one small function returning a reason (a sentence) or None. :func:`check_case` reads a
 case's files once, applies every rule and returns the problems together with the arrays it read.
 Every problem carries a short ``rule`` code (used in the JSON report):
 
-``missing`` ``file_size`` ``unreadable`` ``not_3d`` ``no_spacing`` ``bad_affine`` ``spacing`` ``fov``
-``nonfinite`` ``constant`` ``channel_geometry`` ``label_shape`` ``label_affine`` ``label_nonint``
-``label_values`` (and ``error`` for an unexpected failure while preprocessing).
+``missing`` ``channel_count`` ``not_regular`` ``file_size`` ``unreadable`` ``not_3d`` ``bad_dtype``
+``too_large`` ``missing_chunks`` ``no_spacing`` ``bad_spacing`` ``bad_affine`` ``spacing`` ``fov``
+``nonfinite`` ``out_of_range`` ``constant`` ``channel_geometry`` ``label_shape`` ``label_affine``
+``label_nonint`` ``label_values`` (and ``error`` for an unexpected failure while preprocessing).
+
+Warnings (the case is used; the note goes to the report): ``assumed_spacing`` (a NIfTI without
+geometry read with 1 mm voxels), ``no_label`` (a training case without a label map),
+``missing_chunks`` (allowed missing Zarr chunks).
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 import numpy as np
 
-from volssl.data.readers import SourceCase, VolumeError, read_volume, source_bytes
+from volssl.data.readers import SourceCase, VolumeError, check_source_path, read_volume, source_bytes
 
 
 @dataclass
@@ -68,10 +76,12 @@ class CheckedCase:
     """What :func:`check_case` found: ``problems`` (empty = usable) and, when usable, the arrays.
 
     ``image`` is float32 (C, X, Y, Z) in the file's voxel order, ``affine`` its (4, 4) RAS affine,
-    ``label`` the integer-valued label map (X, Y, Z) (int64) or None.
+    ``label`` the integer-valued label map (X, Y, Z) (int64) or None. ``warnings`` are notes about a
+    case that is used anyway (same fields as a problem), e.g. a NIfTI read with assumed 1 mm voxels.
     """
 
     problems: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)
     image: np.ndarray | None = None
     affine: np.ndarray | None = None
     label: np.ndarray | None = None
@@ -124,6 +134,18 @@ def check_finite(array: np.ndarray) -> str | None:
     return f"image has {n_bad} non-finite (NaN/inf) voxels" if n_bad else None
 
 
+def check_float32_range(raw: np.ndarray, cast: np.ndarray) -> str | None:
+    """Values of a finite ``raw`` image that became inf in its float32 ``cast`` (beyond +-3.4e38)."""
+    if cast.dtype == raw.dtype or np.issubdtype(raw.dtype, np.integer) or np.issubdtype(raw.dtype, np.bool_):
+        return None
+    n_bad = int(cast.size - np.count_nonzero(np.isfinite(cast)))
+    if not n_bad:
+        return None
+    peak = float(np.max(np.abs(raw[~np.isfinite(cast)])))
+    return (f"values beyond float32 range (max |value| {peak:.3g}; float32, the stored type, holds up to "
+            f"{float(np.finfo(np.float32).max):.3g}): {n_bad} voxel(s) would become inf")
+
+
 def check_constant(array: np.ndarray) -> str | None:
     lo, hi = array.min(), array.max()
     return f"image is constant (every voxel = {_fmt(float(lo))})" if lo == hi else None
@@ -143,11 +165,19 @@ def check_affine_match(affine: np.ndarray, ref_affine: np.ndarray, atol_mm: floa
 
 
 def check_integer_labels(label: np.ndarray) -> str | None:
+    """A float label map must hold whole numbers (they are never rounded) within the int64 range."""
     if np.issubdtype(label.dtype, np.integer) or np.issubdtype(label.dtype, np.bool_):
         return None
     finite = np.isfinite(label)
-    if not finite.all() or np.any(label[finite] != np.round(label[finite])):
-        return "label map has non-integer or non-finite values"
+    if not finite.all():
+        return f"label map has {int(label.size - np.count_nonzero(finite))} non-finite (NaN/inf) values"
+    frac = label != np.round(label)
+    if np.any(frac):
+        example = float(label[frac].flat[0])
+        return (f"label map has {int(np.count_nonzero(frac))} non-integer values (e.g. {example:g}); label values "
+                "must be whole numbers (they are not rounded)")
+    if label.size and float(np.max(np.abs(label))) >= 2.0 ** 63:
+        return f"label map has values beyond the integer range (max |value| {float(np.max(np.abs(label))):.3g})"
     return None
 
 
@@ -164,21 +194,41 @@ def check_label_values(values: np.ndarray, declared: tuple[int, ...] | None) -> 
 # ---------------------------------------------------------------------------------------------- case
 
 
-def check_case(case: SourceCase, rules: QualityRules) -> CheckedCase:
+def check_case(
+    case: SourceCase, rules: QualityRules, *, max_voxels: int | None = None, allow_missing_chunks: bool = False,
+) -> CheckedCase:
     """Read a case's files and apply every rule.
 
     Checks in stages, stopping after the first stage that finds a problem (so a tiny file is not
-    read): discovery error; file sizes; reading (unreadable, not 3D, no spacing, bad affine); the
-    image rules (spacing, FOV, finite, constant, same grid for every channel); the label rules.
+    read): discovery error; every file is a regular file (nothing else is opened); file sizes;
+    reading (unreadable, not 3D, not real scalars, larger than ``max_voxels``, missing Zarr chunks,
+    no or invalid spacing, bad affine); the image rules (spacing, FOV, finite, float32 range,
+    constant, same grid for every channel); the label rules.
+
+    Args:
+        case: the case (all channels and the label map).
+        rules: the thresholds.
+        max_voxels: largest declared shape (voxels of one file) that is read; checked on the header
+            before any voxel data (None: no limit).
+        allow_missing_chunks: read Zarr chunk files missing from the store as the fill value (with a
+            warning) instead of excluding the volume.
 
     Returns:
-        CheckedCase with the problems, and the image (float32 (C, X, Y, Z)), affine and label
-        (int64 (X, Y, Z) or None) when there are none.
+        CheckedCase with the problems and warnings, and the image (float32 (C, X, Y, Z)), affine and
+        label (int64 (X, Y, Z) or None) when there are no problems.
     """
     out = CheckedCase()
+    out.warnings.extend(Problem(rule, path, reason) for rule, path, reason in case.warnings)
     first = case.images[0] if case.images else case.id
     if case.error:
-        out.problems.append(Problem("missing", first, case.error))
+        out.problems.append(Problem(case.error_rule, first, case.error))
+        return out
+    for path in [*case.images, *([case.label] if case.label is not None else [])]:
+        try:
+            check_source_path(path)
+        except VolumeError as e:
+            out.problems.append(Problem(e.rule, e.path, e.reason))
+    if out.problems:
         return out
     for path in case.images:
         reason = check_file_size(path, rules.min_file_bytes)
@@ -187,11 +237,19 @@ def check_case(case: SourceCase, rules: QualityRules) -> CheckedCase:
     if out.problems:
         return out
 
-    channels: list[np.ndarray] = []
+    def read(path: str) -> tuple[np.ndarray, np.ndarray]:
+        notes: list[tuple[str, str]] = []
+        try:
+            return read_volume(path, spacing=case.spacing, max_voxels=max_voxels,
+                               allow_missing_chunks=allow_missing_chunks, warnings=notes)
+        finally:
+            out.warnings.extend(Problem(rule, str(path), reason) for rule, reason in notes)
+
+    channels: list[np.ndarray] = []  # float32, (X, Y, Z) each
     affine = None
     for c, path in enumerate(case.images):
         try:
-            raw, aff = read_volume(path, spacing=case.spacing)
+            raw, aff = read(path)
         except VolumeError as e:
             out.problems.append(Problem(e.rule, e.path, e.reason))
             continue
@@ -215,20 +273,27 @@ def check_case(case: SourceCase, rules: QualityRules) -> CheckedCase:
         reason = check_finite(raw)
         if reason:
             out.problems.append(Problem("nonfinite", path, reason))
-        else:
-            reason = check_constant(raw)
-            if reason:
-                out.problems.append(Problem("constant", path, reason))
-        channels.append(raw)
+            continue
+        with np.errstate(over="ignore", invalid="ignore"):  # the stored type: check the values after the cast
+            cast = np.array(raw, dtype=np.float32, order="C")  # an own copy (raw may be a file's memory map)
+        reason = check_float32_range(raw, cast)
+        del raw
+        if reason:
+            out.problems.append(Problem("out_of_range", path, reason))
+            continue
+        reason = check_constant(cast)
+        if reason:
+            out.problems.append(Problem("constant", path, reason))
+        channels.append(cast)
     if out.problems:
         return out
-    image = np.stack([np.asarray(ch, dtype=np.float32) for ch in channels])
+    image = np.stack(channels) if len(channels) > 1 else channels[0][None]
     del channels
 
     label = None
     if case.label is not None:
         try:
-            raw, lab_aff = read_volume(case.label, spacing=case.spacing)
+            raw, lab_aff = read(case.label)
         except VolumeError as e:
             out.problems.append(Problem(e.rule, e.path, e.reason))
             return out

@@ -36,18 +36,44 @@ Geometry conventions
 
 Every read problem raises :class:`VolumeError` (path, reason, rule) so that one bad file never
 stops a run.
+
+Untrusted inputs
+    * Only regular files (a ``.zarr``: a folder of regular files) are opened: a named pipe, socket or
+      device called ``x.nii.gz`` would block a reader forever, a symbolic link loop cannot be opened;
+      both raise VolumeError (rule "not_regular") before anything is opened (:func:`check_source_path`).
+    * The header is read before any voxel data: the declared shape is checked against ``max_voxels``
+      (rule "too_large"), the voxel type must be real scalars (complex or RGB voxels: rule "bad_dtype")
+      and the voxel sizes must be positive (rule "bad_spacing"). A gzip NIfTI is decompressed with a
+      bound: exactly the bytes its header declares, so a stream that is shorter (truncated) or longer
+      (a header that understates the data, a decompression bomb) is refused without holding more
+      than the declared array in memory.
+    * Zarr: chunk files missing from the store (read by Zarr as the fill value) raise rule
+      "missing_chunks" unless ``allow_missing_chunks``.
+    * A NIfTI without any geometry (pixdim 0, qform_code = sform_code = 0) is read with 1 mm voxels,
+      as nnU-Net (SimpleITK) does, and a warning says so.
+    * dataset.json is validated against the nnU-Net v2 schema (:func:`read_dataset_json`): a wrong
+      type raises one ValueError naming dataset.json and the field.
 """
 from __future__ import annotations
 
+import errno
+import gzip
 import hashlib
+import itertools
 import json
+import math
 import os
 import re
+import stat
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, replace
+import zlib
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from volssl.data.dataset_json import declared_labels, read_dataset_json
 
 NIBABEL_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".mgh")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -72,7 +98,8 @@ _NNUNET_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 class VolumeError(Exception):
     """A volume that cannot be used: ``path`` (the file), ``reason`` (a sentence) and ``rule``
-    (a short machine-readable code: "unreadable", "not_3d", "no_spacing", "bad_affine", "missing")."""
+    (a short machine-readable code: "unreadable", "not_3d", "no_spacing", "bad_affine", "missing",
+    "not_regular", "too_large", "bad_dtype", "bad_spacing", "missing_chunks")."""
 
     def __init__(self, path: str | os.PathLike, reason: str, rule: str = "unreadable") -> None:
         super().__init__(f"{path}: {reason}")
@@ -107,6 +134,8 @@ class SourceCase:
     label_values: tuple[int, ...] | None = None
     instance_labels: bool = False
     error: str | None = None
+    error_rule: str = "missing"
+    warnings: tuple[tuple[str, str, str], ...] = ()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,19 +186,65 @@ def is_nnunet_dataset(folder: str | os.PathLike) -> bool:
     )
 
 
-def discover(src: str | os.PathLike, spacing: tuple[float, float, float] | None = None) -> list[SourceCase]:
+def _file_kind(mode: int) -> str:
+    """What a non-regular ``st_mode`` is, in words ("a named pipe (FIFO)", ...)."""
+    for test, words in ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+                        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                        (stat.S_ISDIR, "a folder"), (stat.S_ISREG, "a regular file")):
+        if test(mode):
+            return words
+    return "not a regular file"
+
+
+def _abspath(path: Path) -> Path:
+    """``path`` resolved (links followed), or made absolute as it is when it cannot be resolved (a
+    symbolic link loop: :func:`check_source_path` reports it when the case is read)."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # Python < 3.13 raises RuntimeError("Symlink loop ...")
+        return Path(os.path.abspath(path))
+
+
+def _warning(warnings: list[dict] | None, path: str | os.PathLike, rule: str, reason: str,
+             case_id: str | None = None) -> None:
+    if warnings is not None:
+        warnings.append({"id": case_id, "path": str(path), "rule": rule, "reason": reason})
+
+
+def discover(
+    src: str | os.PathLike, spacing: tuple[float, float, float] | None = None,
+    warnings: list[dict] | None = None,
+) -> list[SourceCase]:
     """All cases under ``src`` (an nnU-Net v2 raw dataset or a folder searched recursively).
 
     Args:
         src: source folder, or a single volume file.
         spacing: (x, y, z) mm, attached to every case for files that carry no spacing.
+        warnings: if given, dataset-level notes are appended to it as ``{"id": None, "path", "rule",
+            "reason"}`` (label files without images, files that do not follow the nnU-Net naming and
+            are ignored, a missing labelsTr, numTraining not matching); notes about one case travel
+            on its :attr:`SourceCase.warnings`.
 
     Returns:
-        cases in a deterministic order (sorted paths), with unique ids.
+        cases in a deterministic order (sorted paths), with unique ids. An entry with a volume suffix
+        that is not a regular file (a named pipe, a symbolic link loop) is still a case: it is
+        excluded with its reason when read, and the other files are processed.
+
+    Raises:
+        FileNotFoundError: ``src`` does not exist. ValueError: ``src`` is neither a file nor a folder,
+        or a dataset.json breaks the nnU-Net v2 schema (:func:`read_dataset_json`).
     """
-    src = Path(src).expanduser().resolve()
+    given = Path(src).expanduser()
+    try:
+        src = given.resolve()
+    except (OSError, RuntimeError):
+        raise ValueError(f"source {given} is a symbolic link loop (a link that leads back to itself)") from None
     if not src.exists():
+        if os.path.islink(given):
+            raise FileNotFoundError(f"source {given} is a link to a missing target ({os.readlink(given)})")
         raise FileNotFoundError(f"source not found: {src}")
+    if not (src.is_file() or src.is_dir()):
+        raise ValueError(f"source {src} is {_file_kind(os.stat(src).st_mode)}, not a file or folder")
     if spacing is not None:
         spacing = _check_spacing(spacing, "--spacing")
     if src.is_file() or (src.is_dir() and volume_suffix(src) in ZARR_SUFFIXES):
@@ -177,7 +252,7 @@ def discover(src: str | os.PathLike, spacing: tuple[float, float, float] | None 
             raise ValueError(f"{src} is not a volume file (known suffixes: {', '.join(VOLUME_SUFFIXES)})")
         cases = [_plain_case(src, src.name, src.parent)]
     elif is_nnunet_dataset(src):
-        cases = _nnunet_cases(src, prefix="")
+        cases = _nnunet_cases(src, prefix="", warnings=warnings)
     else:
         cases = []
         for dirpath, dirnames, filenames in os.walk(src):
@@ -193,13 +268,16 @@ def discover(src: str | os.PathLike, spacing: tuple[float, float, float] | None 
                 if volume_suffix(d) in ZARR_SUFFIXES:
                     cases.append(_plain_case(sub, rel, src))
                 elif is_nnunet_dataset(sub):
-                    cases.extend(_nnunet_cases(sub, prefix=sanitize_id(rel.replace("/", "_")) + "_"))
+                    cases.extend(_nnunet_cases(sub, prefix=sanitize_id(rel.replace("/", "_")) + "_",
+                                               warnings=warnings))
                 else:
                     keep.append(d)
             dirnames[:] = keep
+            # os.walk lists anything that is not a folder here: regular files, but also named pipes,
+            # sockets, broken links and link loops (a ".zarr" among them is no Zarr folder); all with a
+            # volume suffix become cases, so that read_volume excludes the odd ones with a reason
             for f in filenames:
-                suffix = volume_suffix(f)
-                if f.startswith(".") or suffix is None or suffix in ZARR_SUFFIXES:
+                if f.startswith(".") or volume_suffix(f) is None:
                     continue
                 cases.append(_plain_case(here / f, (here / f).relative_to(src).as_posix(), src))
     cases = _dedupe(cases)
@@ -229,95 +307,150 @@ def _dedupe(cases: list[SourceCase]) -> list[SourceCase]:
     return out
 
 
-def _declared_labels(labels: dict) -> tuple[int, ...]:
-    """Label values declared in dataset.json (v2: name -> int or list of ints; v1: "0" -> name)."""
-    values: set[int] = set()
-    for k, v in labels.items():
-        if isinstance(v, str) and str(k).lstrip("-").isdigit():  # nnU-Net v1
-            values.add(int(k))
-        elif isinstance(v, (list, tuple)):  # v2 region-based training
-            values.update(int(x) for x in v)
-        else:
-            values.add(int(v))
-    return tuple(sorted(values))
+def _nnunet_cases(root: Path, prefix: str, warnings: list[dict] | None = None) -> list[SourceCase]:
+    """The cases of the nnU-Net raw dataset ``root``; dataset-level notes are appended to ``warnings``.
 
-
-def _nnunet_cases(root: Path, prefix: str) -> list[SourceCase]:
+    Choices (see also :func:`discover`): a case whose files disagree with the channels dataset.json
+    declares (a channel missing, or a ``_XXXX`` file of an undeclared channel) is excluded with
+    that reason (rule "missing" / "channel_count"): processing it would drop a channel silently. A
+    training case without a label map is kept (it serves pre-training; fine-tuning uses only cases
+    with a label) with a warning. A label file without images, and a file that does not follow the
+    naming, is ignored with a warning.
+    """
     meta_path = root / "dataset.json"
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{meta_path}: cannot read dataset.json: {e}") from e
+    meta = read_dataset_json(root)
     names = meta.get("channel_names") or meta.get("modality")
-    if not isinstance(names, dict) or not names:
-        raise ValueError(f"{meta_path}: dataset.json has no channel_names")
     channel_keys = sorted(names, key=int)
     channel_names = tuple(str(names[k]) for k in channel_keys)
+    declared = [int(k) for k in channel_keys]
     ending = meta.get("file_ending", ".nii.gz")
     instance = bool(meta.get("instance_labels", False))
-    label_values = _declared_labels(meta["labels"]) if isinstance(meta.get("labels"), dict) and not instance else None
+    label_values = declared_labels(meta["labels"]) if isinstance(meta.get("labels"), dict) and not instance else None
     cases: list[SourceCase] = []
 
-    def make(case: str, images: list[str], label: str | None, split: str | None, error: str | None = None):
+    def make(case: str, images: list[str], label: str | None, split: str | None, error: str | None = None,
+             error_rule: str = "missing", notes: tuple = ()):
         cases.append(SourceCase(
             id=sanitize_id(prefix + case), images=tuple(images), channels=channel_names, label=label,
             subject=subject_of(case), split=split, label_values=label_values, instance_labels=instance,
-            error=error,
+            error=error, error_rule=error_rule, warnings=notes,
         ))
+
+    def listed(p: str) -> str:
+        return str(_abspath(root / p))
 
     if isinstance(meta.get("dataset"), dict):  # explicit file lists
         for case in sorted(meta["dataset"]):
             entry = meta["dataset"][case]
-            images = [str((root / p).resolve()) for p in entry.get("images", [])]
-            label = str((root / entry["label"]).resolve()) if entry.get("label") else None
-            missing = [p for p in images + ([label] if label else []) if not Path(p).exists()]
-            error = None
+            images = [listed(p) for p in entry.get("images", [])]
+            label = listed(entry["label"]) if entry.get("label") else None
+            missing = [p for p in images + ([label] if label else []) if not os.path.lexists(p)]
+            error, rule = None, "missing"
             if len(images) != len(channel_names):
-                error = f"{len(images)} image files listed, dataset.json declares {len(channel_names)} channels"
+                error, rule = (f"{len(images)} image files listed, dataset.json declares {len(channel_names)} "
+                               f"channels"), "channel_count"
             elif missing:
                 error = f"listed file(s) missing: {', '.join(missing)}"
-            make(case, images, label, "train" if label else None, error)
+            make(case, images, label, "train" if label else None, error, rule)
         return cases
 
     training = meta.get("training")
     if isinstance(training, list) and training and isinstance(training[0], dict) and \
             (root / str(training[0].get("image", ""))).is_file():  # Medical Segmentation Decathlon lists
         entries = [(e["image"], e.get("label"), "train") for e in training]
-        entries += [(e if isinstance(e, str) else e["image"], None, "test") for e in meta.get("test", [])]
+        entries += [(e if isinstance(e, str) else e["image"], None, "test") for e in meta.get("test") or []]
         for image, label, split in entries:
-            image_path = (root / image).resolve()
-            label_path = (root / label).resolve() if label else None
-            missing = [str(p) for p in (image_path, label_path) if p is not None and not p.exists()]
+            image_path = Path(listed(image))
+            label_path = Path(listed(label)) if label else None
+            missing = [str(p) for p in (image_path, label_path) if p is not None and not os.path.lexists(p)]
             make(_strip_suffix(image_path.name), [str(image_path)], str(label_path) if label_path else None, split,
                  f"listed file(s) missing: {', '.join(missing)}" if missing else None)
         return cases
 
+    n_train = 0
     for split, images_dir, labels_dir in (("train", "imagesTr", "labelsTr"), ("test", "imagesTs", "labelsTs")):
         folder = root / images_dir
         if not folder.is_dir():
             continue
         groups: dict[str, dict[int, str]] = {}
         for f in sorted(folder.iterdir()):
-            if f.name.startswith(".") or not f.name.endswith(ending):
+            if f.name.startswith("."):
                 continue
-            m = _NNUNET_CHANNEL.match(f.name[: -len(ending)])
+            m = _NNUNET_CHANNEL.match(f.name[: -len(ending)]) if f.name.endswith(ending) else None
             if m:
-                groups.setdefault(m.group("case"), {})[int(m.group("channel"))] = str(f.resolve())
+                groups.setdefault(m.group("case"), {})[int(m.group("channel"))] = str(_abspath(f))
+            elif f.name.endswith(ending):
+                _warning(warnings, f, "ignored_file", f"not named <case>_XXXX{ending} (XXXX = channel number); ignored")
+            elif volume_suffix(f) is not None:
+                _warning(warnings, f, "ignored_file", f"file ending differs from dataset.json file_ending "
+                                                      f"{ending!r}; ignored")
+        labels_folder = root / labels_dir
+        label_cases: set[str] = set()
+        if labels_folder.is_dir():
+            for f in sorted(labels_folder.iterdir()):
+                if f.name.startswith("."):
+                    continue
+                if f.name.endswith(ending):
+                    label_cases.add(f.name[: -len(ending)])
+                elif volume_suffix(f) is not None:
+                    _warning(warnings, f, "ignored_file", f"file ending differs from dataset.json file_ending "
+                                                          f"{ending!r}; ignored")
+            for case in sorted(label_cases - set(groups)):
+                _warning(warnings, labels_folder / f"{case}{ending}", "orphan_label",
+                         f"label map without images (no {images_dir}/{case}_XXXX{ending}); ignored")
+        elif split == "train" and groups:
+            _warning(warnings, labels_folder, "no_labels",
+                     f"{labels_dir}/ is missing: the {len(groups)} training case(s) are used without labels "
+                     "(pre-training only; fine-tuning needs labels)")
+        if split == "train":
+            n_train = len(groups)
         for case in sorted(groups):
             files = groups[case]
-            missing = [int(k) for k in channel_keys if int(k) not in files]
-            images = [files[int(k)] for k in channel_keys if int(k) in files]
-            label_file = root / labels_dir / f"{case}{ending}"
-            label = str(label_file.resolve()) if label_file.exists() else None
-            error = None
-            if missing:
+            missing = [k for k in declared if k not in files]
+            extra = sorted(k for k in files if k not in declared)
+            images = [files[k] for k in declared if k in files]
+            label_file = labels_folder / f"{case}{ending}"
+            label = str(_abspath(label_file)) if case in label_cases and os.path.lexists(label_file) else None
+            error, rule, notes = None, "missing", ()
+            if extra:
+                error, rule = (f"file(s) {', '.join(f'{case}_{k:04d}{ending}' for k in extra)} of channel(s) "
+                               f"{', '.join(str(k) for k in extra)} not declared in dataset.json channel_names "
+                               f"(declares {len(declared)}: {', '.join(str(k) for k in declared)})"), "channel_count"
+            elif missing:
                 error = "missing channel file(s) " + ", ".join(f"{case}_{k:04d}{ending}" for k in missing)
-            make(case, images, label, split, error)
+            if split == "train" and label is None and labels_folder.is_dir():
+                notes = (("no_label", str(label_file), f"training case without {labels_dir}/{case}{ending}: used "
+                          "without a label (pre-training only; fine-tuning skips it)"),)
+            make(case, images, label, split, error, rule, notes)
+    if "numTraining" in meta and (root / "imagesTr").is_dir() and meta["numTraining"] != n_train:
+        _warning(warnings, meta_path, "num_training",
+                 f"numTraining is {meta['numTraining']}, imagesTr holds {n_train} case(s)")
     return cases
 
 
 # ----------------------------------------------------------------------------------------------
 # files behind a volume: size rule and fingerprint
+
+
+def _detached_data_file(path: Path) -> Path | None:
+    """The data file a ``.mhd`` / ``.nhdr`` header (a regular file) names, or None (data inside the
+    header, a file list, or not such a header). The named file may not exist."""
+    suffix = volume_suffix(path)
+    if suffix not in (".mhd", ".nhdr") or not path.is_file():
+        return None
+    keys, sep = (("elementdatafile",), "=") if suffix == ".mhd" else (("data file", "datafile"), ":")
+    try:
+        with open(path, "r", errors="replace") as fh:
+            header = fh.read(65536)
+    except OSError:
+        return None
+    for line in header.splitlines():
+        key, _, value = (s.strip() for s in line.partition(sep))
+        if key.lower() in keys:
+            if value and value.upper() not in ("LOCAL", "LIST") and not value.upper().startswith("LIST "):
+                return path.parent / value
+            return None
+    return None
 
 
 def source_files(path: str | os.PathLike) -> list[Path]:
@@ -327,20 +460,9 @@ def source_files(path: str | os.PathLike) -> list[Path]:
     if path.is_dir():
         return sorted(p for p in path.rglob("*") if p.is_file())
     files = [path]
-    suffix = volume_suffix(path)
-    if suffix in (".mhd", ".nhdr") and path.is_file():
-        keys, sep = (("elementdatafile",), "=") if suffix == ".mhd" else (("data file", "datafile"), ":")
-        try:
-            with open(path, "r", errors="replace") as fh:
-                header = fh.read(65536)
-        except OSError:
-            return files
-        for line in header.splitlines():
-            key, _, value = (s.strip() for s in line.partition(sep))
-            if key.lower() in keys:
-                if value and value.upper() != "LOCAL" and (path.parent / value).is_file():
-                    files.append(path.parent / value)
-                break
+    data = _detached_data_file(path)
+    if data is not None and data.is_file():
+        files.append(data)
     return files
 
 
@@ -370,8 +492,102 @@ def fingerprint(paths: list[str | os.PathLike | None]) -> str:
     return "stat-" + h.hexdigest()
 
 
+def check_source_path(path: str | os.PathLike) -> None:
+    """Make sure :func:`read_volume` may open ``path``: a regular file (a ``.zarr``: a folder), and for
+    a ``.mhd`` / ``.nhdr`` header also the data file it names. Nothing is opened here (a named pipe
+    would block ``open`` until someone writes to it).
+
+    Raises:
+        VolumeError: rule "missing" (not found, a link to a missing target), "not_regular" (a named
+        pipe, socket, device, folder, or a symbolic link loop) or "unreadable" (cannot be accessed).
+    """
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise VolumeError(path, "is a symbolic link loop (a link that leads back to itself); not opened",
+                              "not_regular") from None
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            if os.path.islink(path):
+                raise VolumeError(path, f"is a link to a missing target ({os.readlink(path)})", "missing") from None
+            raise VolumeError(path, "file not found", "missing") from None
+        raise VolumeError(path, f"cannot be accessed: {(e.strerror or str(e)).lower()}", "unreadable") from None
+    if volume_suffix(path) in ZARR_SUFFIXES:
+        if not stat.S_ISDIR(st.st_mode):
+            raise VolumeError(path, f"is {_file_kind(st.st_mode)}, not a Zarr folder; not opened", "not_regular")
+        return
+    if not stat.S_ISREG(st.st_mode):
+        raise VolumeError(path, f"is {_file_kind(st.st_mode)}, not a regular file; not opened (reading it could "
+                                "block forever)", "not_regular")
+    data = _detached_data_file(path)
+    if data is not None and os.path.lexists(data):
+        try:
+            check_source_path(data)
+        except VolumeError as e:
+            raise VolumeError(path, f"its data file {data.name} {e.reason}", e.rule) from None
+
+
 # ----------------------------------------------------------------------------------------------
 # reading
+
+#: rough bytes of working memory per source voxel while a volume is preprocessed (float32 copies:
+#: stacked image, reoriented, resampled, normalised), times a safety factor, for the default limit
+BYTES_PER_VOXEL = 4
+MEMORY_SAFETY_FACTOR = 8
+_GZIP_CHUNK = 1 << 24  # bytes decompressed per read
+
+
+def available_memory_bytes() -> int | None:
+    """Memory this process may still use (bytes): ``MemAvailable`` of /proc/meminfo, lowered to the
+    room left under a cgroup (container) limit; ``sysconf`` elsewhere; None if unknown."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            avail = None
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            limit_text = Path(limit_file).read_text().strip()
+            if limit_text == "max" or int(limit_text) >= 1 << 60:
+                continue
+            room = int(limit_text) - int(Path(usage_file).read_text().strip())
+            avail = room if avail is None else min(avail, room)
+            break
+        except (OSError, ValueError):
+            continue
+    return max(int(avail), 0) if avail is not None else None
+
+
+def default_max_voxels() -> int:
+    """The default size limit of one input volume (voxels): available memory /
+    (:data:`BYTES_PER_VOXEL` * :data:`MEMORY_SAFETY_FACTOR`) = memory / 32 B, at least 64^3; 1024^3
+    when the memory cannot be read. Per file, not divided among workers: a worker that dies for
+    memory anyway has its case retried alone (:mod:`volssl.data.preprocess`)."""
+    avail = available_memory_bytes()
+    if avail is None:
+        return 1024 ** 3
+    return max(64 ** 3, avail // (BYTES_PER_VOXEL * MEMORY_SAFETY_FACTOR))
+
+
+@dataclass
+class _Reading:
+    """Options and notes of one :func:`read_volume` call."""
+
+    max_voxels: int | None = None
+    allow_missing_chunks: bool = True
+    warnings: list[tuple[str, str]] = field(default_factory=list)
 
 
 def source_axes(path: str | os.PathLike) -> str:
@@ -380,47 +596,76 @@ def source_axes(path: str | os.PathLike) -> str:
     return "zyx" if volume_suffix(path) in TIFF_SUFFIXES + ZARR_SUFFIXES else "xyz"
 
 
+_FORMAT_NAMES = {".nii.gz": "gzip NIfTI", ".nii": "NIfTI", ".mgz": "MGH", ".mgh": "MGH", ".nrrd": "NRRD",
+                 ".nhdr": "NRRD", ".mha": "MetaImage", ".mhd": "MetaImage", ".tif": "TIFF", ".tiff": "TIFF",
+                 ".zarr": "Zarr"}
+
+
+def _library_detail(e: BaseException) -> str:
+    """A library's error message on one short line (ITK's multi-line messages: the ERROR line)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "ERROR" in ln or "rror:" in ln]
+    text = (errors[-1] if errors else " ".join(lines)) or type(e).__name__
+    text = re.sub(r"^.*?ITK ERROR:\s*\S+\(0x[0-9a-f]+\):\s*", "", text)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
 def read_volume(
-    path: str | os.PathLike, spacing: tuple[float, float, float] | None = None
+    path: str | os.PathLike, spacing: tuple[float, float, float] | None = None, *,
+    max_voxels: int | None = None, allow_missing_chunks: bool = True,
+    warnings: list[tuple[str, str]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Read one 3D volume.
 
     Args:
         path: a NIfTI/MGH, NRRD/MHA/MHD, TIFF file or a ``.zarr`` directory.
         spacing: (x, y, z) mm for TIFF/Zarr files that carry no spacing (ignored otherwise).
+        max_voxels: refuse (rule "too_large") a volume whose header declares more voxels than this,
+            before any voxel data is read; None: no limit.
+        allow_missing_chunks: Zarr only: chunk files missing from the store are read as the fill
+            value (True, Zarr's own behaviour, with a warning) or refused (False, rule
+            "missing_chunks"). Writers such as zarr-python 3 leave out chunks that hold only the fill
+            value, so volssl's own Zarr outputs need True; ``volssl preprocess`` uses False.
+        warnings: if given, ``(rule, reason)`` notes about a volume that is read anyway are appended
+            (e.g. "assumed_spacing": a NIfTI without geometry read with 1 mm voxels).
 
     Returns:
         ``(array, affine)``: the array (X, Y, Z) in its stored dtype (scaling applied for NIfTI) and a
         float64 (4, 4) voxel-to-RAS affine in mm (see the module docstring for axis conventions).
 
     Raises:
-        VolumeError: unreadable or truncated file, not a 3D array, no spacing, invalid affine.
+        VolumeError: not a regular file, unreadable or truncated file, not a 3D array of real scalars,
+        larger than ``max_voxels``, missing Zarr chunks, no or invalid spacing, invalid affine.
     """
     path = Path(path)
     suffix = volume_suffix(path)
     if suffix is None:
         raise VolumeError(path, f"unknown file type (known: {', '.join(VOLUME_SUFFIXES)})", "unreadable")
-    if not path.exists():
-        raise VolumeError(path, "file not found", "missing")
+    check_source_path(path)
+    opts = _Reading(max_voxels=max_voxels, allow_missing_chunks=allow_missing_chunks)
     try:
         if suffix in NIBABEL_SUFFIXES:
-            array, affine = _read_nibabel(path)
+            array, affine = _read_nibabel(path, opts)
         elif suffix in ITK_SUFFIXES:
-            array, affine = _read_itk(path)
+            array, affine = _read_itk(path, opts)
         elif suffix in TIFF_SUFFIXES:
-            array, file_spacing = _read_tiff(path)
+            array, file_spacing = _read_tiff(path, opts)
             affine = _diag_affine(path, file_spacing, spacing)
         else:
-            array, file_spacing = _read_zarr(path)
+            array, file_spacing = _read_zarr(path, opts)
             affine = _diag_affine(path, file_spacing, spacing)
     except VolumeError:
         raise
     except MemoryError:
         raise
     except Exception as e:  # any library error: truncated, corrupt, wrong format
-        raise VolumeError(path, f"cannot read: {type(e).__name__}: {e}", "unreadable") from None
+        raise VolumeError(path, f"cannot read: the file is damaged, truncated or not a {_FORMAT_NAMES[suffix]} file "
+                                f"({_library_detail(e)})", "unreadable") from None
+    _check_dtype(path, array.dtype)
     affine = np.asarray(affine, dtype=np.float64)
     check_affine(path, affine)
+    if warnings is not None:
+        warnings.extend(opts.warnings)
     return array, affine
 
 
@@ -440,30 +685,162 @@ def _not_3d(path: Path, shape: tuple[int, ...], extra: str = "") -> VolumeError:
     )
 
 
-def _read_nibabel(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _check_dtype(path: Path, dtype: np.dtype) -> None:
+    """Raise VolumeError (rule "bad_dtype") unless voxels of ``dtype`` are real scalars (bool, int, float)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind in "biuf":
+        return
+    if dtype.kind == "c":
+        raise VolumeError(path, f"voxels are complex numbers ({dtype.name}); a real-valued image is needed "
+                                "(store the magnitude or the real part)", "bad_dtype")
+    if dtype.names:
+        what = "colour (RGB) triples" if set(dtype.names) <= set("RGBA") else f"records with fields {dtype.names}"
+        raise VolumeError(path, f"voxels are {what}, not single numbers; a scalar (grey-value) image is needed",
+                          "bad_dtype")
+    raise VolumeError(path, f"voxels of type {dtype} are not numbers; a scalar (grey-value) image is needed",
+                      "bad_dtype")
+
+
+def _check_size(path: Path, shape: tuple[int, ...], opts: _Reading) -> None:
+    """Raise VolumeError (rule "too_large") when the declared ``shape`` holds more than ``opts.max_voxels``."""
+    n = math.prod(int(s) for s in shape)
+    if opts.max_voxels is not None and n > opts.max_voxels:
+        raise VolumeError(
+            path, f"declared shape {tuple(int(s) for s in shape)} = {n:,} voxels exceeds the limit of "
+                  f"{int(opts.max_voxels):,} voxels (--max-voxels); not read", "too_large")
+
+
+def _check_file_spacing(path: Path, values, where: str) -> None:
+    """Raise VolumeError (rule "bad_spacing") unless the voxel sizes ``values`` are finite and > 0."""
+    vals = [float(v) for v in values]
+    if not all(math.isfinite(v) and v > 0 for v in vals):
+        shown = ", ".join(f"{v:g}" for v in vals)
+        raise VolumeError(path, f"voxel size ({shown}) in {where} is zero, negative or not a number; "
+                                "the geometry is undefined", "bad_spacing")
+
+
+def _read_nibabel(path: Path, opts: _Reading) -> tuple[np.ndarray, np.ndarray]:
     import nibabel as nib
 
-    img = nib.load(str(path))
+    img = nib.load(str(path))  # the header only; voxel data are read below
     shape = img.shape
     if len(shape) < 3 or any(s != 1 for s in shape[3:]):
         raise _not_3d(path, shape)
-    if len(shape) == 3:
-        data = np.asanyarray(img.dataobj)
+    _check_dtype(path, img.get_data_dtype())
+    _check_size(path, shape[:3], opts)
+    if isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        _check_nifti_geometry(path, img, opts)
+    proxy = img.dataobj
+    if volume_suffix(path) in (".nii", ".nii.gz") and all(hasattr(proxy, a) for a in ("offset", "dtype", "shape")):
+        data = _read_nifti_data(path, proxy)
     else:
-        data = np.asanyarray(img.dataobj[(slice(None),) * 3 + (0,) * (len(shape) - 3)])
+        data = np.asanyarray(proxy)
+    if len(shape) > 3:
+        data = data[(slice(None),) * 3 + (0,) * (len(shape) - 3)]
     return np.asarray(data), img.affine
 
 
-def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _check_nifti_geometry(path: Path, img, opts: _Reading) -> None:
+    """Voxel sizes as stored (nibabel's loader silently turns pixdim 0 into 1 and negative into its
+    absolute value; SimpleITK reads the raw values): all zero with qform_code = sform_code = 0 is a
+    file without geometry, read with 1 mm voxels and a warning (as nnU-Net / SimpleITK does); any
+    other zero, negative or non-finite voxel size is refused (rule "bad_spacing")."""
+    from nibabel.openers import ImageOpener
+
+    with ImageOpener(str(path)) as fh:
+        raw = type(img.header).from_fileobj(fh, check=False)
+    pixdim = [float(v) for v in raw["pixdim"][1:4]]
+    qcode, scode = int(raw["qform_code"]), int(raw["sform_code"])
+    if all(v == 0 for v in pixdim) and qcode == 0 and scode == 0:
+        opts.warnings.append(("assumed_spacing", "the header has no geometry (pixdim 0, qform_code = sform_code "
+                                                 "= 0): read with 1 mm isotropic voxels, as nnU-Net (SimpleITK) "
+                                                 "does; check the voxel size"))
+        return
+    if not all(math.isfinite(v) and v > 0 for v in pixdim):
+        shown = ", ".join(f"{v:g}" for v in pixdim)
+        raise VolumeError(path, f"voxel size in the header (pixdim = {shown}) is zero, negative or not a number "
+                                f"(qform_code {qcode}, sform_code {scode}); readers disagree on what it means "
+                                "(nibabel replaces it, SimpleITK refuses zero), so the geometry is undefined",
+                          "bad_spacing")
+
+
+def _read_nifti_data(path: Path, proxy) -> np.ndarray:
+    """The voxel data of a NIfTI file as its header declares them (scaling applied), read with a bound.
+
+    Plain ``.nii``: refused when the file is shorter than the header's offset + voxel bytes, then read
+    by nibabel (memory map). ``.nii.gz``: decompressed into an array of exactly the declared size (the
+    pages are touched only as data arrive, so a truncated stream never costs the declared size) and
+    refused when the stream ends before it, holds more data after it, or fails its CRC check.
+    """
+    from nibabel.volumeutils import apply_read_scaling
+
+    dtype = np.dtype(proxy.dtype)
+    shape = tuple(int(s) for s in proxy.shape)
+    offset = int(proxy.offset)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if volume_suffix(path) == ".nii":
+        size = os.stat(path).st_size
+        if size < offset + nbytes:
+            raise VolumeError(path, f"cannot read: the file is truncated: the header declares {nbytes:,} bytes of "
+                                    f"voxel data after byte {offset:,}, the file holds {max(size - offset, 0):,}",
+                              "unreadable")
+        return np.asanyarray(proxy)
+    buf = np.empty(nbytes, dtype=np.uint8)
+    view = memoryview(buf)
+    got = 0
+    try:
+        with gzip.open(path, "rb") as fh:
+            skip = offset
+            while skip > 0:
+                n = len(fh.read(min(skip, _GZIP_CHUNK)))
+                if n == 0:
+                    break
+                skip -= n
+            while skip == 0 and got < nbytes:
+                n = fh.readinto(view[got:got + _GZIP_CHUNK])
+                if not n:
+                    break
+                got += n
+            if got == nbytes and fh.read(1):
+                raise VolumeError(path, f"cannot read: the compressed stream holds more data than the header declares "
+                                        f"({nbytes:,} bytes of voxels after byte {offset:,}): the header does not "
+                                        f"match the data; not read further", "unreadable")
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        what = "ends early (the file is truncated)" if isinstance(e, EOFError) else \
+            f"is damaged ({_library_detail(e)})"
+        raise VolumeError(path, f"cannot read: the compressed stream {what}", "unreadable") from None
+    if got < nbytes:
+        raise VolumeError(path, f"cannot read: the file is truncated: the header declares {nbytes:,} bytes of voxel "
+                                f"data after byte {offset:,}, the compressed stream holds {got:,}", "unreadable")
+    raw = buf.view(dtype).reshape(shape, order=getattr(proxy, "order", "F"))
+    slope, inter = np.asanyarray(proxy.slope), np.asanyarray(proxy.inter)  # as nibabel's ArrayProxy scales
+    if np.can_cast(inter, slope.dtype):
+        inter = inter.astype(slope.dtype)
+    return apply_read_scaling(raw, slope, inter)
+
+
+def _read_itk(path: Path, opts: _Reading) -> tuple[np.ndarray, np.ndarray]:
     import SimpleITK as sitk
 
-    img = sitk.ReadImage(str(path))
-    size = img.GetSize()
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()  # the header only
+    size = reader.GetSize()
+    ncomp = reader.GetNumberOfComponents()
+    if ncomp != 1:
+        raise _not_3d(path, tuple(reversed(size)) + (ncomp,),
+                      f" ({ncomp} components per voxel: a vector, colour or complex-valued image)")
+    if reader.GetDimension() < 3 or any(s != 1 for s in size[3:]):
+        raise _not_3d(path, size)
+    _check_size(path, size[:3], opts)
+    _check_file_spacing(path, reader.GetSpacing()[:3], "the header")
+    img = reader.Execute()
     if img.GetNumberOfComponentsPerPixel() != 1:
         raise _not_3d(path, tuple(reversed(size)) + (img.GetNumberOfComponentsPerPixel(),),
                       f" ({img.GetNumberOfComponentsPerPixel()} components per voxel)")
-    if img.GetDimension() < 3 or any(s != 1 for s in size[3:]):
-        raise _not_3d(path, size)
+    if "complex" in img.GetPixelIDTypeAsString():
+        raise VolumeError(path, f"voxels are complex numbers ({img.GetPixelIDTypeAsString()}); a real-valued image "
+                                "is needed (store the magnitude or the real part)", "bad_dtype")
     if img.GetDimension() > 3:
         img = sitk.Extract(img, list(size[:3]) + [0] * (len(size) - 3), [0] * len(size))
     direction = np.array(img.GetDirection(), dtype=np.float64).reshape(3, 3)
@@ -473,6 +850,16 @@ def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray]:
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
     array = sitk.GetArrayFromImage(img).transpose(2, 1, 0)  # ITK numpy view is (z, y, x)
     return np.ascontiguousarray(array), affine
+
+
+def _shape_3d(path: Path, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The 3D shape :func:`_to_3d` makes of ``shape`` (size-1 axes dropped, leading first)."""
+    dims = list(shape)
+    while len(dims) > 3 and 1 in dims:
+        dims.pop(dims.index(1))
+    if len(dims) != 3:
+        raise _not_3d(path, shape)
+    return tuple(dims)
 
 
 def _to_3d(path: Path, array: np.ndarray) -> np.ndarray:
@@ -491,7 +878,7 @@ def _unit_mm(unit) -> float | None:
     return _UNITS_MM.get(str(unit).strip().lower().replace("\\u00b5", "µ"))
 
 
-def _read_tiff(path: Path) -> tuple[np.ndarray, tuple[float, float, float] | None]:
+def _read_tiff(path: Path, opts: _Reading) -> tuple[np.ndarray, tuple[float, float, float] | None]:
     """(x, y, z) array of a TIFF stack (pages = z) and its spacing (x, y, z) mm if the file has one."""
     import tifffile
 
@@ -499,6 +886,8 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, tuple[float, float, float] | Non
         series = tif.series[0]
         if "S" in series.axes and series.shape[series.axes.index("S")] > 1:
             raise _not_3d(path, series.shape, f" (axes {series.axes}: colour samples per pixel)")
+        _check_size(path, _shape_3d(path, tuple(series.shape)), opts)
+        _check_dtype(path, series.dtype)
         array = series.asarray()
         spacing = _tiff_spacing(tif)
     array = _to_3d(path, np.asarray(array))
@@ -507,8 +896,11 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, tuple[float, float, float] | Non
         try:
             zyx = json.loads(sidecar.read_text())["spacing"]
             spacing = tuple(float(s) for s in reversed(zyx))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise VolumeError(sidecar, f"cannot read spacing from sidecar: {e}", "no_spacing") from None
+            if len(spacing) != 3:
+                raise ValueError
+        except (OSError, ValueError, KeyError, TypeError):
+            raise VolumeError(sidecar, "cannot read the spacing from this sidecar: it must be JSON like "
+                                       '{"spacing": [z, y, x]} (three numbers, mm)', "no_spacing") from None
     return np.ascontiguousarray(array.transpose(2, 1, 0)), spacing
 
 
@@ -533,19 +925,26 @@ def _tiff_spacing(tif) -> tuple[float, float, float] | None:
         tags = tif.pages[0].tags
         if scale is None or "XResolution" not in tags or "YResolution" not in tags:
             return None
-        sx, sy = (
-            float(tags[t].value[1]) / float(tags[t].value[0]) for t in ("XResolution", "YResolution")
+        sx, sy = (  # pixels per unit -> unit per pixel; 0 pixels per unit is an invalid (infinite) size
+            float(tags[t].value[1]) / float(tags[t].value[0]) if float(tags[t].value[0]) else math.inf
+            for t in ("XResolution", "YResolution")
         )
-        return (sx * scale, sy * scale, float(meta["spacing"]) * scale)
+        try:
+            z = float(meta["spacing"])
+        except (TypeError, ValueError):
+            z = math.nan
+        return (sx * scale, sy * scale, z * scale)
     return None
 
 
-def _read_zarr(path: Path) -> tuple[np.ndarray, tuple[float, float, float] | None]:
+def _read_zarr(path: Path, opts: _Reading) -> tuple[np.ndarray, tuple[float, float, float] | None]:
     """(x, y, z) array of a Zarr array / group (OME-Zarr multiscales: level 0) and its spacing."""
     import zarr
 
+    files = _zarr_store_files(path)  # before zarr opens anything: refuses named pipes in the store
     node = zarr.open(str(path), mode="r")
     spacing = None
+    spacing_all, axes = None, None
     if isinstance(node, zarr.Group):
         attrs = dict(node.attrs)
         multiscales = (attrs.get("ome") or attrs).get("multiscales")
@@ -564,21 +963,122 @@ def _read_zarr(path: Path) -> tuple[np.ndarray, tuple[float, float, float] | Non
             else:
                 raise VolumeError(path, f"Zarr group holds {len(keys)} arrays and no OME multiscales metadata; "
                                         "point to one array", "unreadable")
-            spacing_all, axes = None, None
-        data = np.asarray(array[...])
-        if axes and len(axes) == data.ndim:
-            space = [i for i, a in enumerate(axes) if (a.get("type") if isinstance(a, dict) else None) == "space"
-                     or (a.get("name") if isinstance(a, dict) else a) in ("x", "y", "z")]
-            if len(space) == 3 and all(data.shape[i] == 1 for i in range(data.ndim) if i not in space):
-                units = [_unit_mm(axes[i].get("unit")) if isinstance(axes[i], dict) else None for i in space]
-                if spacing_all is not None and all(u is not None for u in units):
-                    zyx = [spacing_all[i] * u for i, u in zip(space, units)]
-                    spacing = (zyx[2], zyx[1], zyx[0])
-                data = data.reshape([data.shape[i] for i in space])
     else:
-        data = np.asarray(node[...])
+        array = node
+    _check_size(path, _shape_3d(path, tuple(array.shape)), opts)
+    _check_dtype(path, array.dtype)
+    _check_zarr_chunks(path, str(getattr(array, "path", "") or ""), files, array, opts)
+    data = np.asarray(array[...])
+    if axes and len(axes) == data.ndim:
+        space = [i for i, a in enumerate(axes) if (a.get("type") if isinstance(a, dict) else None) == "space"
+                 or (a.get("name") if isinstance(a, dict) else a) in ("x", "y", "z")]
+        if len(space) == 3 and all(data.shape[i] == 1 for i in range(data.ndim) if i not in space):
+            units = [_unit_mm(axes[i].get("unit")) if isinstance(axes[i], dict) else None for i in space]
+            if spacing_all is not None and all(u is not None for u in units):
+                zyx = [spacing_all[i] * u for i, u in zip(space, units)]
+                spacing = (zyx[2], zyx[1], zyx[0])
+            data = data.reshape([data.shape[i] for i in space])
     data = _to_3d(path, data)
     return np.ascontiguousarray(data.transpose(2, 1, 0)), spacing
+
+
+def _zarr_store_files(root: Path) -> set[str]:
+    """Relative paths (posix) of the regular files in the Zarr folder ``root`` (linked folders followed
+    once). Raises VolumeError (rule "not_regular") for a named pipe, socket or device in the store,
+    which Zarr would block on; broken links count as absent (missing chunks)."""
+    found: set[str] = set()
+    seen: set[tuple[int, int]] = set()
+    stack = [(root, "")]
+    while stack:
+        folder, rel = stack.pop()
+        try:
+            st = os.stat(folder)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as e:
+            raise VolumeError(root, f"cannot list {folder}: {(e.strerror or str(e)).lower()}", "unreadable") from None
+        for entry in entries:
+            name = rel + entry.name
+            try:
+                est = entry.stat()  # follows links
+            except OSError:
+                continue  # a broken link or a link loop: absent
+            if stat.S_ISDIR(est.st_mode):
+                stack.append((Path(entry.path), name + "/"))
+            elif stat.S_ISREG(est.st_mode):
+                found.add(name)
+            else:
+                raise VolumeError(root, f"the Zarr store holds {name}, which is {_file_kind(est.st_mode)}, not a "
+                                        "regular file; not opened", "not_regular")
+    return found
+
+
+def _zarr_chunk_grid(meta_dir: Path) -> tuple[list[int], list[int], Any, Any] | None:
+    """(shape, stored chunk shape, key function, fill value) from the array metadata in ``meta_dir``
+    (Zarr v2 ``.zarray`` or v3 ``zarr.json``, regular grids; for sharded v3 arrays the chunk is the
+    shard); None when it cannot be told."""
+    try:
+        if (meta_dir / ".zarray").is_file():
+            meta = json.loads((meta_dir / ".zarray").read_text())
+            sep = meta.get("dimension_separator") or "."
+            return list(meta["shape"]), list(meta["chunks"]), \
+                (lambda idx: sep.join(map(str, idx)) if idx else "0"), meta.get("fill_value")
+        if (meta_dir / "zarr.json").is_file():
+            meta = json.loads((meta_dir / "zarr.json").read_text())
+            grid = meta.get("chunk_grid") or {}
+            if grid.get("name") != "regular":
+                return None
+            enc = meta.get("chunk_key_encoding") or {"name": "default"}
+            name = enc.get("name", "default")
+            sep = (enc.get("configuration") or {}).get("separator", "/" if name == "default" else ".")
+            if name == "default":
+                def key(idx):
+                    return sep.join(["c", *map(str, idx)])
+            elif name == "v2":
+                def key(idx):
+                    return sep.join(map(str, idx)) if idx else "0"
+            else:
+                return None
+            return list(meta["shape"]), list(grid["configuration"]["chunk_shape"]), key, meta.get("fill_value")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return None
+
+
+def _check_zarr_chunks(path: Path, array_path: str, files: set[str], array, opts: _Reading) -> None:
+    """Compare the chunk files present with the chunk grid: missing chunks are refused (rule
+    "missing_chunks") unless ``opts.allow_missing_chunks`` (then a warning)."""
+    prefix = array_path.strip("/")
+    grid = _zarr_chunk_grid(path / prefix if prefix else path)
+    if grid is None:
+        return
+    shape, chunks, key, fill = grid
+    if len(shape) != len(chunks) or not all(c > 0 for c in chunks):
+        return
+    counts = [math.ceil(s / c) for s, c in zip(shape, chunks)]
+    total = math.prod(counts)
+    base = prefix + "/" if prefix else ""
+    missing, example = 0, None
+    for idx in itertools.product(*(range(n) for n in counts)):
+        if base + key(idx) not in files:
+            missing += 1
+            example = example or key(idx)
+    if not missing:
+        return
+    where = f" of array {prefix!r}" if prefix else ""
+    text = (f"{missing} of {total} chunk files{where} are missing from the store (e.g. {example!r}); "
+            f"Zarr reads them as the fill value {fill!r}")
+    if opts.allow_missing_chunks:
+        opts.warnings.append(("missing_chunks", text + " (allowed)"))
+        return
+    raise VolumeError(path, text + ". Copy the missing chunks, or, if the writer left out chunks that hold only "
+                                   "the fill value (zarr-python 3 does by default), allow it with "
+                                   "--zarr-allow-missing-chunks", "missing_chunks")
 
 
 def _ome_scale(ms: dict, level: dict, ndim: int) -> list[float] | None:
@@ -593,10 +1093,13 @@ def _ome_scale(ms: dict, level: dict, ndim: int) -> list[float] | None:
 
 
 def _diag_affine(path: Path, file_spacing, override) -> np.ndarray:
-    spacing = file_spacing if file_spacing is not None else override
-    if spacing is None:
+    if file_spacing is not None:
+        _check_file_spacing(path, file_spacing, "the file's metadata")
+        spacing = tuple(float(s) for s in file_spacing)
+    elif override is not None:
+        spacing = _check_spacing(override, "--spacing")
+    else:
         raise VolumeError(path, "the file carries no voxel spacing; pass --spacing X,Y,Z (mm)", "no_spacing")
-    spacing = _check_spacing(spacing, str(path))
     return np.diag([*spacing, 1.0])
 
 

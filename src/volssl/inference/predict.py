@@ -46,7 +46,8 @@ from volssl.config import ModelConfig
 from volssl.data.geometry import GeometryRecord, to_original
 from volssl.data.preprocess import PreprocessPlan, label_dtype, preprocess_arrays
 from volssl.data.quality import QualityRules, check_case
-from volssl.data.readers import NIBABEL_SUFFIXES, SourceCase, discover, sanitize_id, source_axes, volume_suffix
+from volssl.data.readers import (NIBABEL_SUFFIXES, SourceCase, default_max_voxels, discover, sanitize_id, source_axes,
+                                 volume_suffix)
 from volssl.inference.sliding_window import sliding_window_predict
 from volssl.util.atomic import atomic_path, write_json_atomic
 from volssl.util.errors import describe_failure
@@ -394,7 +395,8 @@ def predict_case(
         return failed(first, f"{len(files)} channel file(s) ({names}) but the model expects {len(model.channels)} "
                              f"({', '.join(model.channels)}); name the files of a multi-channel case "
                              "<case>_0000, <case>_0001, ...")
-    checked = check_case(replace(case, label=None), PREDICT_RULES)
+    # the declared size is checked from the header against what this machine can hold before any data are read
+    checked = check_case(replace(case, label=None), PREDICT_RULES, max_voxels=default_max_voxels())
     if not checked.ok:
         return failed(checked.problems[0].path, "; ".join(f"{Path(p.path).name}: {p.reason}" for p in checked.problems))
     image_p, _, record, _ = preprocess_arrays(checked.image, checked.affine, model.plan, None, source_axes(first))
