@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+from typing import Callable
 
 
 def cubic_size(text: str, minimum: int = 1, what: str = "size") -> tuple[int, int, int]:
@@ -18,3 +20,49 @@ def cubic_size(text: str, minimum: int = 1, what: str = "size") -> tuple[int, in
     if len(sizes) != 3 or min(sizes) < minimum:
         raise argparse.ArgumentTypeError(f"{what}: expected one or three sizes >= {minimum}, got {text!r}")
     return sizes  # type: ignore[return-value]
+
+
+def number(lo: float | None = None, hi: float | None = None, hi_open: bool = False, example: str = "0.5",
+           unit: str = "") -> Callable[[str], float]:
+    """An argparse type: a finite float in [``lo``, ``hi``] (``hi`` excluded with ``hi_open``); a bad value
+    is ``expected a number in [0, 1), e.g. 0.5; got 'x'`` instead of Python's conversion text."""
+    bounds = ("" if lo is None and hi is None else
+              f" >= {lo:g}" if hi is None else f" in [{lo:g}, {hi:g}{')' if hi_open else ']'}")
+    what = f"a {unit or 'number'}{bounds}, e.g. {example}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        ok = math.isfinite(value) and (lo is None or value >= lo) and (
+            hi is None or (value < hi if hi_open else value <= hi))
+        if not ok:
+            raise argparse.ArgumentTypeError(f"expected {what}; got {text!r}")
+        return value
+
+    return parse
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (``1e6`` accepted)."""
+    try:
+        value = int(float(text)) if "e" in text.lower() else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def add_run_folder_arguments(p: argparse.ArgumentParser, folder: str, outputs: str) -> None:
+    """``--resume`` / ``--overwrite`` (mutually exclusive) of a command that writes a run into ``folder``
+    (the name its help uses); ``outputs`` lists what ``--overwrite`` replaces."""
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help=f"continue from {folder}/checkpoints/latest.pt, else from the run's newest intact "
+                            f"checkpoint (with a warning); refuses when none is intact; an empty {folder} starts "
+                            "afresh")
+    again.add_argument("--overwrite", action="store_true",
+                       help=f"replace the run already in {folder} ({outputs}); without it, a new run refuses to "
+                            "start over an existing one")

@@ -6,6 +6,8 @@ import math
 import os
 import sys
 
+from volssl.cli.args import number, positive_int
+
 
 def _labels(text: str | None):
     """``"1,2"`` -> [1, 2]; ``"1+2+3,4"`` -> [(1, 2, 3), 4] (``+`` joins the labels of a region)."""
@@ -48,24 +50,6 @@ def _ignore_labels(items: list[str]) -> list[int]:
     return out
 
 
-def _tolerance(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"expected a distance in mm >= 0, e.g. 1 or 2.5; got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(float(text)) if "e" in text.lower() else int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -89,17 +73,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("pred_dir", help="folder of predicted label maps")
     p.add_argument("ref_dir", help="folder of reference label maps (e.g. Dataset001_X/labelsTr)")
     p.add_argument("--out", required=True, help="metrics.json to write (its folder is checked before scoring)")
-    p.add_argument("--nsd-tolerance-mm", type=_tolerance, default=1.0, metavar="T",
+    p.add_argument("--nsd-tolerance-mm", type=number(0.0, example="1 or 2.5", unit="distance in mm"), default=1.0, metavar="T",
                    help="NSD tolerance in mm (default 1)")
     p.add_argument("--labels", metavar="1,2|1+2+3", help="classes to score (default: dataset.json or all found)")
     p.add_argument("--empty-score", default="nan", help="score of a class absent from both files: nan (default) or 1")
     p.add_argument("--ignore-label", action="append", default=[], metavar="V",
                    help="reference value whose voxels are left out of the scores (repeatable; besides "
                         "dataset.json's 'ignore' label)")
-    p.add_argument("--max-voxels", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--max-voxels", type=positive_int, default=None, metavar="N",
                    help="do not read a file whose header declares more voxels (default: what this machine's "
                         "memory can hold)")
-    p.add_argument("--workers", type=_positive_int, default=max(1, min(8, os.cpu_count() or 1)),
+    p.add_argument("--workers", type=positive_int, default=max(1, min(8, os.cpu_count() or 1)),
                    help="parallel processes (default: CPU count, at most 8)")
     p.add_argument("--strict", action="store_true",
                    help="also exit with code 3 if a reference case has no prediction (a failed pair always does)")

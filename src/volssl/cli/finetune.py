@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 
+from volssl.cli.args import add_run_folder_arguments
 from volssl.cli.configs import add_set_argument
 from volssl.cli.run_status import exit_code
 
@@ -62,13 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="length of each stage of the recipe, in order (e.g. 200,200,4000)")
     p.add_argument("--method-name", default=None,
                    help="'method' recorded in run.json (default: the pre-training method [+ recipe])")
-    again = p.add_mutually_exclusive_group()
-    again.add_argument("--resume", action="store_true",
-                       help="continue FT/checkpoints/latest.pt, else the run's newest intact checkpoint (with a "
-                            "warning); refuses when none is intact; an empty FT starts afresh")
-    again.add_argument("--overwrite", action="store_true",
-                       help="replace the run already in FT (its checkpoints, scalars.csv, tb/); without it, "
-                            "finetune refuses to start over an existing run")
+    add_run_folder_arguments(p, "FT", "its checkpoints, scalars.csv, tb/")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     add_set_argument(p)
@@ -82,10 +77,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     from volssl.finetuning.finetune import finetune
     from volssl.training import distributed
+    from volssl.util.errors import check_input_path
     from volssl.util.paths import check_output_dir
 
     check_output_dir(args.out, "run folder")  # before any work (loading the checkpoint, preprocessing)
     scratch = str(args.checkpoint).lower() == "none"
+    if not scratch:  # a missing path, a dangling link or a link loop: one line now, not a traceback later
+        check_input_path(args.checkpoint, "--checkpoint")
+    check_input_path(args.dataset, "--dataset", kind="dir")
     recipe = args.recipe or ("scratch" if scratch else "s3d")
     overrides = list(args.overrides)
     for flag, key in ((args.plan, "plan"), (args.arch, "arch")):

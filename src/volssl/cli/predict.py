@@ -6,6 +6,8 @@ import json
 import math
 import sys
 
+from volssl.cli.args import number, positive_int
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -25,14 +27,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", "--out", required=True, metavar="DIR",
                    help="output folder (created; checked to be writable before anything is predicted)")
     p.add_argument("--probabilities", action="store_true", help="also write <case>.npz class probabilities")
-    p.add_argument("--overlap", type=_overlap, default=0.5, help="sliding-window overlap in [0, 1) (default 0.5)")
+    p.add_argument("--overlap", type=number(0.0, 1.0, hi_open=True), default=0.5, help="sliding-window overlap in [0, 1) (default 0.5)")
     p.add_argument("--no-mirror", action="store_true", help="no mirroring test-time augmentation (8x faster)")
     p.add_argument("--mirror-axes", default="0,1,2", metavar="AXES", help="axes to mirror (default 0,1,2)")
     p.add_argument("--device", default="auto", help="auto (default: CUDA if available), cpu, cuda, cuda:N")
-    p.add_argument("--batch", type=_positive_int, default=1, metavar="N", help="tiles per forward pass (default 1)")
+    p.add_argument("--batch", type=positive_int, default=1, metavar="N", help="tiles per forward pass (default 1)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA only)")
     p.add_argument("--spacing", metavar="X,Y,Z", help="voxel spacing (mm) for TIFF/Zarr inputs that carry none")
-    p.add_argument("--thresholds", type=_threshold, nargs="+", default=[0.5], metavar="T",
+    p.add_argument("--thresholds", type=number(), nargs="+", default=[0.5], metavar="T",
                    help="affinity models: agglomeration thresholds (first -> OUT/<case>.nii.gz, each -> OUT/t<T>/)")
     p.add_argument("--strict", action="store_true", help="exit with code 3 if any input was skipped")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -40,34 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _overlap(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), e.g. 0.5; got {text!r}")
-    return value
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
-
-
-def _threshold(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a number, e.g. 0.5; got {text!r}")
-    return value
 
 
 def _axes(text: str) -> tuple[int, ...]:

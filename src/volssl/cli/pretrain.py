@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from volssl.cli.args import add_run_folder_arguments
 from volssl.cli.configs import add_set_argument
 from volssl.cli.run_status import exit_code
 
@@ -29,13 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", help="a preset name (see `volssl presets`); optional with --resume")
     p.add_argument("--data", required=True, help="preprocessed dataset directory (with plan.json)")
     p.add_argument("--out", required=True, help="run directory")
-    again = p.add_mutually_exclusive_group()
-    again.add_argument("--resume", action="store_true",
-                       help="continue from RUN/checkpoints/latest.pt, else from the run's newest intact checkpoint "
-                            "(with a warning); refuses when none is intact; an empty RUN starts afresh")
-    again.add_argument("--overwrite", action="store_true",
-                       help="replace the run already in RUN (its checkpoints, scalars.csv, tb/, previews/); "
-                            "without it, pretrain refuses to start over an existing run")
+    add_run_folder_arguments(p, "RUN", "its checkpoints, scalars.csv, tb/, previews/")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_set_argument(p)
     p.set_defaults(func=_run)
@@ -66,9 +61,11 @@ def resolve_run_config(args: argparse.Namespace):
 def _run(args: argparse.Namespace) -> int:
     from volssl.training import distributed
     from volssl.training.trainer import pretrain
+    from volssl.util.errors import check_input_path
     from volssl.util.paths import check_output_dir
 
     check_output_dir(args.out, "run folder")  # before any work
+    check_input_path(args.data, "--data", kind="dir")  # a missing folder or a link loop: one line
     cfg = resolve_run_config(args)
     try:
         summary = pretrain(cfg, args.data, args.out, resume=args.resume, progress=not args.no_progress,
