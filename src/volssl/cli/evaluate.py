@@ -73,7 +73,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("pred_dir", help="folder of predicted label maps")
     p.add_argument("ref_dir", help="folder of reference label maps (e.g. Dataset001_X/labelsTr)")
     p.add_argument("--out", required=True, help="metrics.json to write (its folder is checked before scoring)")
-    p.add_argument("--nsd-tolerance-mm", type=number(0.0, example="1 or 2.5", unit="distance in mm"), default=1.0, metavar="T",
+    p.add_argument("--nsd-tolerance-mm", type=number(0.0, example="1 or 2.5", unit="distance in mm"), default=1.0,
+                   metavar="T",
                    help="NSD tolerance in mm (default 1)")
     p.add_argument("--labels", metavar="1,2|1+2+3", help="classes to score (default: dataset.json or all found)")
     p.add_argument("--empty-score", default="nan", help="score of a class absent from both files: nan (default) or 1")

@@ -27,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", "--out", required=True, metavar="DIR",
                    help="output folder (created; checked to be writable before anything is predicted)")
     p.add_argument("--probabilities", action="store_true", help="also write <case>.npz class probabilities")
-    p.add_argument("--overlap", type=number(0.0, 1.0, hi_open=True), default=0.5, help="sliding-window overlap in [0, 1) (default 0.5)")
+    p.add_argument("--overlap", type=number(0.0, 1.0, hi_open=True), default=0.5,
+                   help="sliding-window overlap in [0, 1) (default 0.5)")
     p.add_argument("--no-mirror", action="store_true", help="no mirroring test-time augmentation (8x faster)")
     p.add_argument("--mirror-axes", default="0,1,2", metavar="AXES", help="axes to mirror (default 0,1,2)")
     p.add_argument("--device", default="auto", help="auto (default: CUDA if available), cpu, cuda, cuda:N")
