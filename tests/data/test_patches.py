@@ -125,6 +125,23 @@ def test_foreground_prob_one_always_hits_a_label(ds):
     assert not all((plain[k]["label"] > 0).any() for k in range(20))
 
 
+@pytest.mark.parametrize("batch, prob, forced", [(2, 0.33, [1]), (4, 0.33, [3]), (6, 0.33, [4, 5]), (2, 0.0, [])])
+def test_nnunet_oversampling_forces_the_last_places_of_every_batch(ds, batch, prob, forced):
+    # nnU-Net: sample i of a batch is foreground iff not i < round(B * (1 - p)): with B = 2 at least one
+    # patch of every batch sees a label (an independent coin of 0.33 left 45% of batches of 2 without)
+    nn = PatchSampler(ds, PATCH, foreground_prob=prob, seed=11, with_labels=True, cases=["big"],
+                      foreground_batch=batch)
+    coin = PatchSampler(ds, PATCH, foreground_prob=prob, seed=11, with_labels=True, cases=["big"])
+    for k in range(3 * batch):
+        item = nn[k]
+        if k % batch in forced:
+            assert (item["label"] > 0).any(), k
+        # the other draws (case, channel, symmetry) are the coin stream's
+        assert item["case"] == coin[k]["case"] and item["symmetry"] == coin[k]["symmetry"]
+    with pytest.raises(ValueError, match="foreground_batch"):
+        PatchSampler(ds, PATCH, foreground_prob=0.5, foreground_batch=0)
+
+
 def test_channel_modes(ds):
     single = PatchSampler(ds, PATCH, seed=4, channel_mode="single")
     both = PatchSampler(ds, PATCH, seed=4, channel_mode="all")

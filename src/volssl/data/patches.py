@@ -177,7 +177,10 @@ class PatchSampler(PatchStream):
 
     1. the case: uniformly (``sampling="uniform"``) or with probability proportional to its voxel
        count from the manifest (``sampling="size"``, as MAE-XNT samples its volumes);
-    2. a foreground coin: with probability ``foreground_prob``, and when the case's
+    2. a foreground coin: with probability ``foreground_prob`` (or, with ``foreground_batch`` B, as
+       nnU-Net decides it: item ``k`` is foreground iff its place in its batch, ``k % B``, is at least
+       ``round(B * (1 - foreground_prob))``, so the last 33% of every batch and at least one of a batch
+       of 2; the coin is still drawn, so the other draws do not move), and when the case's
        ``props["class_locations"]`` has samples, the patch is centred on a random stored voxel of a
        random label class (classes equally likely), shifted to stay inside the valid range below;
     3. otherwise the patch origin, uniform over the valid origins: per axis ``[0, D - P]`` when the
@@ -200,6 +203,8 @@ class PatchSampler(PatchStream):
         dataset: a ``PreprocessedDataset`` or its root directory.
         patch_size: patch size in voxels, an int (cube) or three ints (X, Y, Z).
         foreground_prob: probability of a patch centred on a labelled voxel (0 for pre-training).
+        foreground_batch: the batch size, for nnU-Net's per-batch-position oversampling (see 2.);
+            None: an independent coin per item.
         seed: stream seed (a non-negative int).
         sampling: "uniform" over cases, or "size" (proportional to X*Y*Z of each case).
         channel_mode: "all" (C channels) or "single" (one random channel, C = 1).
@@ -234,6 +239,7 @@ class PatchSampler(PatchStream):
         decode_threads: int = 1,
         symmetries: bool = False,
         crop_zscore: bool = False,
+        foreground_batch: int | None = None,
     ) -> None:
         if not isinstance(dataset, PreprocessedDataset):
             dataset = PreprocessedDataset(dataset)
@@ -242,6 +248,9 @@ class PatchSampler(PatchStream):
         if not 0.0 <= float(foreground_prob) <= 1.0:
             raise ValueError(f"foreground_prob must be in [0, 1], got {foreground_prob}")
         self.foreground_prob = float(foreground_prob)
+        if foreground_batch is not None and int(foreground_batch) < 1:
+            raise ValueError(f"foreground_batch must be a batch size >= 1 or None, got {foreground_batch}")
+        self.foreground_batch = None if foreground_batch is None else int(foreground_batch)
         if int(seed) < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed}")
         self.seed = int(seed)
@@ -347,7 +356,12 @@ class PatchSampler(PatchStream):
         spatial = tuple(int(s) for s in image.shape[-3:])
         lo = [min(0, d - p) for d, p in zip(spatial, window)]
         hi = [max(0, d - p) for d, p in zip(spatial, window)]
-        foreground = rng.random() < self.foreground_prob
+        coin = rng.random()
+        if self.foreground_batch is None:
+            foreground = coin < self.foreground_prob
+        else:  # nnU-Net's get_do_oversample: not (place < round(B * (1 - p)))
+            b = self.foreground_batch
+            foreground = int(index) % b >= round(b * (1.0 - self.foreground_prob))
         locations = self._class_locations(record.id) if foreground else []
         if locations:
             cls = locations[int(rng.integers(len(locations)))]
