@@ -30,12 +30,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from volssl.util.atomic import write_json_atomic
+from volssl.util.workers import watched_pool
 
 
 @dataclass(frozen=True)
@@ -374,7 +374,7 @@ def run_benchmark(out: str | Path, methods: Sequence[str], datasets: Sequence[st
             results.append(_done(safe_cell(job)))
     else:
         ctx = __import__("multiprocessing").get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        with watched_pool(workers, ctx) as pool:  # its workers exit if this process is killed
             for r in pool.map(safe_cell, jobs):
                 results.append(_done(r))
     failed = [r for r in results if "error" in r]

@@ -23,13 +23,13 @@ from __future__ import annotations
 import json
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from volssl.benchmark import cell_name, run_cell
 from volssl.util.atomic import write_json_atomic
+from volssl.util.workers import watched_pool
 
 
 @dataclass(frozen=True)
@@ -158,7 +158,7 @@ def run_demo(out: str | Path = "volssl_demo", quick: bool = False, seed: int = 0
          f"seeds {list(scale.seeds)}; stages {steps} steps), then predicting and evaluating the held-out cases")
     runs: list[dict[str, Any]] = []
     ctx = __import__("multiprocessing").get_context("spawn")
-    with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=ctx) as pool:
+    with watched_pool(max(1, workers), ctx) as pool:  # its workers exit if this process is killed
         for r in pool.map(run_cell, jobs):
             r["init"] = r["method"]
             runs.append(r)
