@@ -56,6 +56,8 @@ BOUNDARY_CASES = [
     (json.JSONDecodeError("Expecting value", "{", 1), 2, "invalid JSON: Expecting value at line 1, column 2"),
     (KeyError("optim"), 2, "missing entry 'optim'"),
     (ValueError("bad spacing\n  in run.json"), 2, "bad spacing in run.json"),
+    # pathlib's Path.resolve on a link loop (Python < 3.13): a user error in words, not a bug
+    (RuntimeError("Symlink loop from '/in/a'"), 2, "symbolic link loop (a link that leads back to itself): /in/a"),
     (MemoryError(), 5, "out of memory"),
     (OSError(errno.EMFILE, "Too many open files"), 5, "too many open files"),
 ]
@@ -183,6 +185,47 @@ def test_every_command_refuses_a_file_as_output_a_missing_input_and_a_link_loop(
             assert main(loop) == 2
             line = _one_error_line(capsys, command)
             assert "symbolic link loop" in line and paths["loop"] in line, line
+
+
+def test_pretrain_finetune_predict_refuse_link_loops_and_pipes_as_inputs_before_any_work(paths, capsys,
+                                                                                           monkeypatch):
+    """Acceptance corpus: `pretrain --data LOOP` and `finetune --dataset LOOP` ended in a traceback (pathlib's
+    RuntimeError from Path.resolve), `finetune --checkpoint LOOP` said "not found", and a named pipe given as
+    the model or checkpoint was "not found" too. Each is now one line naming the path and what it is."""
+    monkeypatch.setattr("volssl.training.trainer.pretrain", _raise(AssertionError("pre-training started")))
+    import importlib
+
+    finetune_module = importlib.import_module("volssl.finetuning.finetune")  # the package exports a same-named function
+    monkeypatch.setattr(finetune_module, "finetune", _raise(AssertionError("fine-tuning started")))
+    monkeypatch.setattr("volssl.inference.predict.load_finetuned", _raise(AssertionError("model loaded")))
+    t, loop, d = paths["tmp"], paths["loop"], paths["dir"]
+    os.mkfifo(t / "pipe.pt")
+    pipe = str(t / "pipe.pt")
+    cases = [
+        ("pretrain", ["pretrain", "--preset", "s3d-b-tiny", "--data", loop, "--out", str(t / "r1")],
+         "symbolic link loop"),
+        ("finetune", ["finetune", "--checkpoint", d, "--dataset", loop, "--out", str(t / "f1")], "symbolic link loop"),
+        ("finetune", ["finetune", "--checkpoint", loop, "--dataset", d, "--out", str(t / "f2")], "symbolic link loop"),
+        ("finetune", ["finetune", "--checkpoint", pipe, "--dataset", d, "--out", str(t / "f3")], "named pipe (FIFO)"),
+        ("predict", ["predict", "--model", pipe, "--input", d, "--output", str(t / "p1")], "named pipe (FIFO)"),
+    ]
+    for command, argv, words in cases:
+        assert main(argv) == 2, argv
+        line = _one_error_line(capsys, command)
+        assert words in line and (loop in line or pipe in line), line
+
+
+def test_an_output_that_is_a_link_loop_is_named_as_one(paths, capsys):
+    """It was "a link to a missing target (loop_b)": a loop has a target, it just never ends."""
+    from volssl.util.paths import check_output_dir
+
+    with pytest.raises(ValueError, match="is a symbolic link loop"):
+        check_output_dir(paths["loop"])
+    assert main(["preprocess", paths["dir"], paths["loop"], "--no-progress"]) == 2
+    assert "symbolic link loop" in _one_error_line(capsys, "preprocess")
+    os.symlink(paths["tmp"] / "nowhere", paths["tmp"] / "dangling")
+    with pytest.raises(ValueError, match="link to a missing target"):
+        check_output_dir(paths["tmp"] / "dangling")
 
 
 def test_predict_checks_its_output_before_loading_the_model(paths, capsys, monkeypatch):

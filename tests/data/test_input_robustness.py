@@ -112,6 +112,45 @@ def test_named_pipes_and_link_loops_are_never_opened(tmp_path):
     assert ok == {"good", "Dataset001_Odd_ok"}
 
 
+@pytest.mark.timeout(300)
+def test_a_dataset_json_that_is_a_named_pipe_is_refused_not_opened(tmp_path):
+    """Acceptance corpus: a named pipe called dataset.json made the dataset a plain folder (its labels and
+    naming silently dropped; read_dataset_json would block on it). Now one error naming it: the dataset given
+    itself, or nested in a folder; and from read_dataset_json."""
+    ds = tmp_path / "src" / "Dataset003_Piped"
+    _nifti(ds / "imagesTr" / "a_0000.nii.gz", _blob())
+    _nifti(ds / "labelsTr" / "a.nii.gz", np.zeros((12, 11, 10), np.uint8))
+    os.mkfifo(ds / "dataset.json")
+    result = _rule_in_child(f"""
+from volssl.data.readers import discover, read_dataset_json
+result = []
+for call in (lambda: discover({str(ds)!r}), lambda: discover({str(tmp_path / "src")!r}),
+             lambda: read_dataset_json({str(ds)!r})):
+    try:
+        call()
+        result.append("read")
+    except ValueError as e:
+        result.append(str(e))
+""")
+    for msg in result:
+        assert "dataset.json is a named pipe (FIFO), not a regular file; not opened" in msg, result
+        assert str(ds / "dataset.json") in msg
+
+
+def test_a_volume_with_an_axis_of_length_zero_is_excluded_in_words(tmp_path, capsys):
+    """Acceptance corpus: the reason was "ValueError: zero-size array to reduction operation minimum which has
+    no identity at _methods.py:45" (the quality check's internal text)."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    _nifti(src / "empty.nii.gz", np.zeros((12, 11, 0), np.float32))
+    _nifti(src / "fine.nii.gz", _blob())
+    with pytest.raises(VolumeError) as e:
+        read_volume(src / "empty.nii.gz")
+    assert e.value.rule == "not_3d" and "(12, 11, 0) has an axis of length 0" in e.value.reason
+    s = preprocess(src, out, PLAN, progress=False)
+    assert s.n_ok == 1 and _rules(_report(out)) == {"empty": ["not_3d"]}
+    assert "Error" not in _report(out)["excluded"][0]["reason"]
+
+
 def _rule_in_child(code: str, timeout: float = 120) -> list:
     """Run ``code`` (which sets ``result``) in a child; a blocked ``open`` there fails the test."""
     run = _python(code + "\nimport json\nprint(json.dumps(result))", timeout=timeout)

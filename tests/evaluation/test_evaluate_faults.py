@@ -4,6 +4,7 @@ dataset.json's "ignore") out of the scores instead of scoring them as classes.""
 import gzip
 import json
 import struct
+import zlib
 
 import nibabel as nib
 import numpy as np
@@ -63,6 +64,60 @@ def test_a_huge_declared_prediction_fails_alone_without_being_read(folders, tmp_
     assert "warning: case b not scored" in captured.err and "Traceback" not in captured.err
     assert data["mean"]["dice"] == pytest.approx(evaluate_folder(pred_dir, ref_dir, None, labels=[1],
                                                                  progress=False)["mean"]["dice"])
+
+
+def _gzip_bomb(path, dims=(1024, 1024, 1024)):
+    """~1 MB of gzip holding an honest NIfTI header of ``dims`` uint8 and its 1 GiB of zeros."""
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(dims)
+    hdr.set_data_dtype(np.uint8)
+    hdr.set_sform(np.eye(4), 1)
+    hdr["vox_offset"] = 352
+    comp = zlib.compressobj(9, zlib.DEFLATED, 31)
+    member = comp.compress(bytes(16 << 20)) + comp.flush()  # 16 MiB of zeros; gzip members concatenate
+    with open(path, "wb") as fh:
+        fh.write(gzip.compress(hdr.binaryblock + b"\0" * 4))
+        for _ in range(int(np.prod(dims)) // (16 << 20)):
+            fh.write(member)
+
+
+def test_a_shape_mismatch_is_told_from_the_headers_without_reading(folders, monkeypatch):
+    """Acceptance corpus: a 1 MB gzip prediction declaring 1024^3 (uint8: 1 GiB, which this machine's memory
+    allows) against a 12^3 reference was decompressed whole (peak 1.1 GB) before the shape mismatch was
+    noticed. The headers tell it: nothing of either file is read."""
+    pred_dir, ref_dir = folders
+    _gzip_bomb(pred_dir / "b.nii.gz")
+    assert (pred_dir / "b.nii.gz").stat().st_size < 1_500_000
+    read = ev._read_labels
+
+    def read_but_not_b(path):
+        assert path.name != "b.nii.gz", f"{path} was read"
+        return read(path)
+
+    monkeypatch.setattr(ev, "_read_labels", read_but_not_b)
+    monkeypatch.setattr(ev, "machine_memory_bytes", lambda: 64 << 30)  # the bomb passes the memory check
+    res = evaluate_folder(pred_dir, ref_dir, None, progress=False)
+    (err,) = res["errors"]
+    assert err["case"] == "b" and res["mean"]["n_cases"] == 2
+    assert "prediction shape (1024, 1024, 1024) differs from reference" in err["error"]
+    assert "(12, 12, 12)" in err["error"] and "not read" in err["error"]
+    # a trailing axis of size 1 is no mismatch (the readers drop it); files of other formats are not compared
+    nib.save(nib.Nifti1Image(np.asarray(_pair()[0])[..., None], np.eye(4)), str(pred_dir / "c.nii.gz"))
+    assert ev.declared_shape_mismatch(pred_dir / "c.nii.gz", ref_dir / "c.nii.gz") is None
+    assert ev.declared_shape_mismatch(pred_dir / "b.nii.gz", ref_dir / "b.mha") is None
+
+
+@pytest.mark.timeout(120)  # a regression blocks on the pipe: fail instead of hanging
+def test_a_dataset_json_that_is_a_named_pipe_is_refused_not_opened(folders, tmp_path):
+    import os
+
+    pred_dir, ref_dir = folders
+    os.mkfifo(ref_dir / "dataset.json")
+    with pytest.raises(ValueError, match="dataset.json is not a regular file"):
+        evaluate_folder(pred_dir, ref_dir, None, progress=False)
+    # with the classes given, dataset.json is not needed: scored, with a note
+    res = evaluate_folder(pred_dir, ref_dir, None, labels=[1], progress=False)
+    assert res["mean"]["n_cases"] == 3 and any("dataset.json" in w for w in res["warnings"])
 
 
 def test_memory_error_while_reading_or_scoring_fails_that_pair_only(folders, monkeypatch):

@@ -163,6 +163,28 @@ def test_bad_inputs_are_reported_and_skipped(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.nii.gz", "predict.json"]
 
 
+@pytest.mark.timeout(120)  # a regression blocks on the pipe: fail instead of hanging
+def test_a_link_loop_and_a_pipe_among_the_inputs_are_reported_and_skipped(tmp_path):
+    """Acceptance corpus: a link loop among the inputs made predict die with pathlib's RuntimeError("Symlink
+    loop from ...") while leaving out the output folder, before any case was predicted; a named pipe must not
+    be opened. Both are reported with their reason, and the good case is predicted."""
+    import os
+
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(NIB_DATA / "anatomical.nii", src / "good.nii")
+    os.symlink(src / "loop_b.nii.gz", src / "loop_a.nii.gz")
+    os.symlink(src / "loop_a.nii.gz", src / "loop_b.nii.gz")
+    os.mkfifo(src / "pipe.nii.gz")
+    plan = PreprocessPlan(name="native", target_spacing=None)
+    summary = predict_folder(make_model(plan), src, src / "out", mirror_axes=(), device="cpu", progress=False)
+    assert [p["case"] for p in summary["predicted"]] == ["good"]
+    failed = {f["case"]: f["reason"] for f in summary["failed"]}
+    assert set(failed) == {"loop_a", "loop_b", "pipe"}
+    assert "symbolic link loop" in failed["loop_a"] and "loop_a.nii.gz" in failed["loop_a"]
+    assert "named pipe (FIFO)" in failed["pipe"]
+
+
 def test_channel_files_are_grouped_and_mismatches_reported(tmp_path):
     src = tmp_path / "in"
     src.mkdir()

@@ -132,19 +132,36 @@ def test_folders_and_dangling_links_are_named_clearly(tmp_path):
         ck.load_checkpoint(tmp_path / "link.pt")
 
 
+@pytest.mark.timeout(120)  # a regression blocks torch.load on the pipe: fail instead of hanging
+def test_pipes_and_link_loops_are_named_clearly_and_never_opened(tmp_path):
+    """Acceptance corpus: both were "checkpoint not found", which they are not."""
+    os.mkfifo(tmp_path / "pipe.pt")
+    with pytest.raises(ValueError, match=r"pipe\.pt: a named pipe \(FIFO\), not a checkpoint file; not opened"):
+        ck.load_checkpoint(tmp_path / "pipe.pt")
+    (tmp_path / "a.pt").symlink_to(tmp_path / "b.pt")
+    (tmp_path / "b.pt").symlink_to(tmp_path / "a.pt")
+    with pytest.raises(ValueError, match=r"a\.pt: a symbolic link loop"):
+        ck.load_checkpoint(tmp_path / "a.pt")
+
+
 # --------------------------------------------------------------------------- --resume falls back, never starts over
-@pytest.mark.parametrize("damage", ["missing", "dangling link"])
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("damage", ["missing", "dangling link", "named pipe"])
 def test_resume_without_latest_continues_from_best_and_keeps_history(tmp_path, reference, damage, capsys):
     before = stopped_run(tmp_path)
     latest = tmp_path / "checkpoints" / "latest.pt"
     latest.unlink()
     if damage == "dangling link":
         latest.symlink_to(tmp_path / "elsewhere" / "latest.pt")
+    if damage == "named pipe":
+        os.mkfifo(latest)
     starts = []
     summary, method = run(tmp_path, resume=True, starts=starts)
     err = capsys.readouterr().err
     assert summary["status"] == "finished"
     assert "latest.pt" in err and f"resuming from {tmp_path / 'checkpoints' / 'best.pt'} (step 4)" in err
+    if damage == "named pipe":
+        assert "latest.pt: a named pipe (FIFO), not a checkpoint file" in err
     assert_resumed_like_the_reference(tmp_path, reference, method, before, starts)
 
 

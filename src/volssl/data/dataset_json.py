@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
+
+from volssl.util.errors import file_kind
 
 
 def _is_int(v: Any) -> bool:
@@ -122,6 +125,13 @@ def read_dataset_json(root: str | os.PathLike) -> dict:
         ValueError: unreadable, not JSON, or not the nnU-Net schema; the message names the file.
     """
     meta_path = Path(root) / "dataset.json"
+    try:
+        mode = os.stat(meta_path).st_mode
+    except OSError:
+        mode = None  # the read below says why
+    if mode is not None and not stat.S_ISREG(mode):
+        raise ValueError(f"{meta_path}: dataset.json is {file_kind(mode)}, not a regular file; not opened (reading "
+                         "it could block forever)")
     try:
         text = meta_path.read_text(encoding="utf-8")
     except OSError as e:

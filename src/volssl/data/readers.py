@@ -74,6 +74,7 @@ from typing import Any
 import numpy as np
 
 from volssl.data.dataset_json import declared_labels, read_dataset_json
+from volssl.util.errors import file_kind
 
 NIBABEL_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".mgh")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -180,20 +181,28 @@ def _bids_channel(name: str) -> str:
 
 
 def is_nnunet_dataset(folder: str | os.PathLike) -> bool:
+    """``folder`` holds a dataset.json and imagesTr (or imagesTs).
+
+    Raises:
+        ValueError: its dataset.json is not a regular file (a named pipe, whose reading would block
+        forever, a socket, a device, a folder or a symbolic link loop): the dataset cannot be read, and
+        taking the folder for a plain one would silently drop its labels and naming.
+    """
     folder = Path(folder)
-    return (folder / "dataset.json").is_file() and (
-        (folder / "imagesTr").is_dir() or (folder / "imagesTs").is_dir()
-    )
-
-
-def _file_kind(mode: int) -> str:
-    """What a non-regular ``st_mode`` is, in words ("a named pipe (FIFO)", ...)."""
-    for test, words in ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
-                        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                        (stat.S_ISDIR, "a folder"), (stat.S_ISREG, "a regular file")):
-        if test(mode):
-            return words
-    return "not a regular file"
+    meta = folder / "dataset.json"
+    if not ((folder / "imagesTr").is_dir() or (folder / "imagesTs").is_dir()):
+        return False
+    try:
+        st = os.stat(meta)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ValueError(f"{meta}: dataset.json is a symbolic link loop (a link that leads back to itself)") \
+                from None
+        return False  # no dataset.json (or a link to a missing one): a plain folder
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{meta}: dataset.json is {file_kind(st.st_mode)}, not a regular file; not opened "
+                         "(reading it could block forever)")
+    return True
 
 
 def _abspath(path: Path) -> Path:
@@ -244,7 +253,7 @@ def discover(
             raise FileNotFoundError(f"source {given} is a link to a missing target ({os.readlink(given)})")
         raise FileNotFoundError(f"source not found: {src}")
     if not (src.is_file() or src.is_dir()):
-        raise ValueError(f"source {src} is {_file_kind(os.stat(src).st_mode)}, not a file or folder")
+        raise ValueError(f"source {src} is {file_kind(os.stat(src).st_mode)}, not a file or folder")
     if spacing is not None:
         spacing = _check_spacing(spacing, "--spacing")
     if src.is_file() or (src.is_dir() and volume_suffix(src) in ZARR_SUFFIXES):
@@ -515,10 +524,10 @@ def check_source_path(path: str | os.PathLike) -> None:
         raise VolumeError(path, f"cannot be accessed: {(e.strerror or str(e)).lower()}", "unreadable") from None
     if volume_suffix(path) in ZARR_SUFFIXES:
         if not stat.S_ISDIR(st.st_mode):
-            raise VolumeError(path, f"is {_file_kind(st.st_mode)}, not a Zarr folder; not opened", "not_regular")
+            raise VolumeError(path, f"is {file_kind(st.st_mode)}, not a Zarr folder; not opened", "not_regular")
         return
     if not stat.S_ISREG(st.st_mode):
-        raise VolumeError(path, f"is {_file_kind(st.st_mode)}, not a regular file; not opened (reading it could "
+        raise VolumeError(path, f"is {file_kind(st.st_mode)}, not a regular file; not opened (reading it could "
                                 "block forever)", "not_regular")
     data = _detached_data_file(path)
     if data is not None and os.path.lexists(data):
@@ -662,6 +671,9 @@ def read_volume(
         raise VolumeError(path, f"cannot read: the file is damaged, truncated or not a {_FORMAT_NAMES[suffix]} file "
                                 f"({_library_detail(e)})", "unreadable") from None
     _check_dtype(path, array.dtype)
+    if array.ndim != 3 or 0 in array.shape:
+        raise VolumeError(path, f"array shape {tuple(int(s) for s in array.shape)} has an axis of length 0: the "
+                                "volume holds no voxels", "not_3d")
     affine = np.asarray(affine, dtype=np.float64)
     check_affine(path, affine)
     if warnings is not None:
@@ -1013,7 +1025,7 @@ def _zarr_store_files(root: Path) -> set[str]:
             elif stat.S_ISREG(est.st_mode):
                 found.add(name)
             else:
-                raise VolumeError(root, f"the Zarr store holds {name}, which is {_file_kind(est.st_mode)}, not a "
+                raise VolumeError(root, f"the Zarr store holds {name}, which is {file_kind(est.st_mode)}, not a "
                                         "regular file; not opened", "not_regular")
     return found
 

@@ -31,7 +31,8 @@ Output ``metrics.json`` (NaN written as ``null``)::
 counted); ``mean.dice`` / ``mean.nsd`` are the means over classes of those per-class means (nnU-Net's
 "foreground mean"). Missing and failed cases are left out of the means and listed.
 
-Faults are per pair: a pair that cannot be scored -- an unreadable file, a shape or geometry mismatch,
+Faults are per pair: a pair that cannot be scored -- an unreadable file, a shape or geometry mismatch
+(shapes are compared from the two headers before anything is read, :func:`declared_shape_mismatch`),
 a file whose header declares a volume too large for this machine (checked from the header before
 anything is read: :func:`declared_size`, limit ``max_voxels`` or else the machine's memory), out of
 memory while scoring, a worker process that died -- is listed in ``errors`` with its reason, and every
@@ -174,6 +175,9 @@ def _dataset_json(ref_dir: str | os.PathLike) -> tuple[Path, dict] | None:
     ref_dir = Path(ref_dir)
     for path in (ref_dir / "dataset.json", ref_dir.parent / "dataset.json"):
         if not path.is_file():
+            if os.path.lexists(path):  # a named pipe (reading it would block), a folder, a link loop ...
+                raise ValueError(f"{path}: dataset.json is not a regular file; not read (the classes to score "
+                                 "cannot be taken from it: give --labels, or remove it)")
             continue
         try:
             meta = json.loads(path.read_text())
@@ -295,6 +299,42 @@ def check_pair_size(pred_path: str | os.PathLike, ref_path: str | os.PathLike, m
                           "of memory; not read (a corrupt header? --max-voxels sets the limit)")
 
 
+def _reader_family(path: str | os.PathLike) -> str | None:
+    """Which reader (and so which axis convention) :func:`declared_size` used for ``path``."""
+    from volssl.data.readers import ITK_SUFFIXES, NIBABEL_SUFFIXES, TIFF_SUFFIXES, ZARR_SUFFIXES
+
+    if str(path).lower().endswith(".npy"):
+        return "npy"
+    suffix = volume_suffix(Path(path))
+    for name, suffixes in (("nibabel", NIBABEL_SUFFIXES), ("itk", ITK_SUFFIXES), ("tiff", TIFF_SUFFIXES),
+                           ("zarr", ZARR_SUFFIXES)):
+        if suffix in suffixes:
+            return name
+    return None
+
+
+def declared_shape_mismatch(pred_path: str | os.PathLike, ref_path: str | os.PathLike) -> str | None:
+    """The shape-mismatch error of a pair, told from the two headers before any voxel is read (a
+    decompression bomb declaring 1024^3 against a 128^3 reference is never decompressed), or None when
+    the headers agree or cannot be compared (files of different formats, a header that cannot tell)."""
+    family = _reader_family(pred_path)
+    if family is None or family != _reader_family(ref_path):
+        return None
+    shapes = []
+    for p in (pred_path, ref_path):
+        d = declared_size(p)
+        if d is None:
+            return None
+        shape = tuple(d[0])
+        while len(shape) > 3 and shape[-1] == 1:  # the readers drop trailing singleton axes
+            shape = shape[:-1]
+        shapes.append(shape)
+    if shapes[0] == shapes[1]:
+        return None
+    return (f"{pred_path}: prediction shape {shapes[0]} differs from reference {ref_path} shape {shapes[1]} "
+            "(from the file headers; not read)")
+
+
 def _shape_text(shape: Sequence[int]) -> str:
     return "x".join(str(int(v)) for v in shape)
 
@@ -358,6 +398,9 @@ def evaluate_case(
 
 def _evaluate_case(case, pred_path, ref_path, labels, tolerance_mm, empty_score, ignore_labels, max_voxels):
     check_pair_size(pred_path, ref_path, max_voxels)
+    mismatch = declared_shape_mismatch(pred_path, ref_path)  # e.g. a 1 MB gzip bomb declaring 1024^3: not read
+    if mismatch is not None:
+        return {"case": case, "error": mismatch}
     ref, ref_affine = _read_labels(Path(ref_path))
     pred, pred_affine = _read_labels(Path(pred_path))
     if pred.shape != ref.shape:

@@ -241,8 +241,10 @@ def find_inputs(
     """
     cases = discover(src, spacing=spacing)
     if exclude is not None:
-        ex = Path(exclude).expanduser().resolve()
-        cases = [c for c in cases if not any(Path(p).resolve().is_relative_to(ex) for p in c.images)]
+        # os.path.realpath, not Path.resolve: a link loop among the inputs (which Path.resolve raises on) stays a
+        # case, and its read reports the loop
+        ex = Path(os.path.realpath(Path(exclude).expanduser()))
+        cases = [c for c in cases if not any(Path(os.path.realpath(p)).is_relative_to(ex) for p in c.images)]
     groups: dict[tuple[str, str], dict[int, SourceCase]] = {}
     for c in cases:
         m = _CHANNEL_FILE.match(_stem(c.images[0])) if len(c.images) == 1 and c.split is None else None
@@ -444,7 +446,7 @@ def _output_unwritable(e: BaseException, output_dir: Path) -> bool:
     if e.filename is None:
         return e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
     try:
-        return Path(os.fsdecode(e.filename)).resolve().is_relative_to(output_dir)
+        return Path(os.path.realpath(os.fsdecode(e.filename))).is_relative_to(output_dir)
     except (OSError, ValueError, TypeError):
         return False
 

@@ -24,10 +24,12 @@ Everything in it is a tensor, dict, list, tuple, str, int, float, bool or None, 
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import pickle
 import random
+import stat
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ import numpy as np
 import torch
 
 from volssl.util.atomic import atomic_path
+from volssl.util.errors import file_kind
 
 FORMAT = "volssl"
 VERSION = 1
@@ -70,12 +73,20 @@ def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> dict[str, A
     containers, or is not a volssl checkpoint.
     """
     path = Path(path)
-    if path.is_symlink() and not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path} is a link to a missing file ({os.readlink(path)})")
-    if path.is_dir():
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ValueError(f"{path}: a symbolic link loop (a link that leads back to itself), not a checkpoint "
+                             "file") from None
+        if path.is_symlink():
+            raise FileNotFoundError(f"checkpoint not found: {path} is a link to a missing file "
+                                    f"({os.readlink(path)})") from None
+        raise FileNotFoundError(f"checkpoint not found: {path}") from None
+    if stat.S_ISDIR(mode):
         raise ValueError(f"{path}: a folder, not a checkpoint file")
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if not stat.S_ISREG(mode):  # a named pipe would block torch.load forever
+        raise ValueError(f"{path}: {file_kind(mode)}, not a checkpoint file; not opened")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

@@ -92,10 +92,24 @@ def _is_volume_error(e: BaseException) -> bool:
     return any(c.__name__ == "VolumeError" for c in type(e).__mro__)
 
 
+def symlink_loop_path(e: BaseException) -> str | None:
+    """The path of pathlib's ``RuntimeError("Symlink loop from '<path>'")`` (``Path.resolve`` on a link
+    loop, Python < 3.13, where later versions raise OSError ELOOP), else None."""
+    if type(e) is not RuntimeError:
+        return None
+    text = str(e)
+    prefix = "Symlink loop from "
+    if not text.startswith(prefix):
+        return None
+    return text[len(prefix):].strip().strip("'\"")
+
+
 def exit_code(e: BaseException) -> int | None:
     """The exit code of a user error (module docstring), or None when ``e`` is not one (a bug)."""
     if isinstance(e, KeyboardInterrupt):
         return EXIT_INTERRUPTED
+    if symlink_loop_path(e) is not None:
+        return EXIT_USAGE
     if isinstance(e, MemoryError) or _is_cuda_oom(e):
         return EXIT_RESOURCES
     if isinstance(e, BrokenPipeError):
@@ -124,6 +138,9 @@ def user_message(e: BaseException) -> str:
         return f"{kind}: {detail}" if detail else f"{kind} (use smaller inputs or a machine with more memory)"
     if isinstance(e, OSError):
         return os_error_message(e)
+    loop = symlink_loop_path(e)
+    if loop is not None:
+        return f"{_ERRNO_WORDS[errno.ELOOP]}: {loop}"
     if isinstance(e, json.JSONDecodeError):
         return f"invalid JSON: {e.msg} at line {e.lineno}, column {e.colno}"
     if isinstance(e, UnicodeDecodeError):
@@ -151,10 +168,23 @@ def _one_line(text: str | None) -> str:
 # ---------------------------------------------------------------------------------------------- path checks
 
 
+def file_kind(mode: int) -> str:
+    """What an ``st_mode`` is, in words: "a named pipe (FIFO)", "a socket", "a folder", ..."""
+    import stat
+
+    for test, words in ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+                        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                        (stat.S_ISDIR, "a folder"), (stat.S_ISREG, "a regular file")):
+        if test(mode):
+            return words
+    return "not a regular file"
+
+
 def check_input_path(path: str | os.PathLike, what: str = "input", kind: str = "any") -> Path:
     """Make sure ``path`` exists, is readable and is a file (``kind="file"``), a folder (``"dir"``) or
     either (``"any"``); raise a user error naming ``what`` and the path otherwise (a missing path,
-    a link to a missing target, a symbolic link loop, the wrong kind, no read permission)."""
+    a link to a missing target, a symbolic link loop, a named pipe, socket or device, the wrong kind,
+    no read permission)."""
     p = Path(path).expanduser()
     try:
         st = os.stat(p)
@@ -172,6 +202,9 @@ def check_input_path(path: str | os.PathLike, what: str = "input", kind: str = "
     import stat
 
     is_dir = stat.S_ISDIR(st.st_mode)
+    if not (is_dir or stat.S_ISREG(st.st_mode)):
+        raise ValueError(f"{what} {p} is {file_kind(st.st_mode)}, not a file or folder; not opened (reading it "
+                         "could block forever)")
     if kind == "file" and is_dir:
         raise IsADirectoryError(f"{what} {p} is a folder; give a file")
     if kind == "dir" and not is_dir:

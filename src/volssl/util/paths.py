@@ -17,6 +17,12 @@ def check_output_dir(path: str | os.PathLike, what: str = "output folder") -> Pa
     """
     path = Path(path).expanduser()
     if path.is_symlink() and not path.exists():
+        try:
+            os.stat(path)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise ValueError(f"{what} {path} is a symbolic link loop (a link that leads back to itself)") \
+                    from None
         raise ValueError(f"{what} {path} is a link to a missing target ({os.readlink(path)})")
     if path.exists() and not path.is_dir():
         raise ValueError(f"{what} {path} is an existing file, not a folder; choose another path")
