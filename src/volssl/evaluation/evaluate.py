@@ -54,7 +54,7 @@ import math
 import multiprocessing
 import os
 import sys
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Sequence
@@ -65,6 +65,7 @@ from volssl.data.readers import VolumeError, is_nnunet_dataset, read_volume, vol
 from volssl.evaluation.metrics import ClassSpec, case_metrics
 from volssl.util.atomic import write_json_atomic
 from volssl.util.errors import check_input_path, check_output_file, describe_failure
+from volssl.util.workers import watched_pool
 
 # reference values taken as "unlabelled / ignore" when no class declares them
 COMMON_IGNORE_VALUES = (255,)  # and every negative value
@@ -450,7 +451,7 @@ def _score_all(args: list[tuple], workers: int, bar: Any) -> list[dict[str, Any]
         return results
     ctx = multiprocessing.get_context("forkserver")
     results, again = [], []
-    with ProcessPoolExecutor(min(workers, len(args)), mp_context=ctx) as ex:
+    with watched_pool(min(workers, len(args)), ctx) as ex:
         futures = {ex.submit(evaluate_case, *a): a for a in args}
         for fut in as_completed(futures):
             try:
@@ -463,7 +464,7 @@ def _score_all(args: list[tuple], workers: int, bar: Any) -> list[dict[str, Any]
             bar.update()
     for a in sorted(again, key=lambda a: a[0]):
         try:
-            with ProcessPoolExecutor(1, mp_context=ctx) as ex:
+            with watched_pool(1, ctx) as ex:
                 results.append(ex.submit(evaluate_case, *a).result())
         except BrokenProcessPool:
             results.append({"case": a[0], "error": f"the process scoring {a[1]} against {a[2]} died (killed for "
