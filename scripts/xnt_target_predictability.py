@@ -20,7 +20,7 @@ import sys
 import numpy as np
 from scipy import ndimage
 
-from volssl.data import phantoms as P
+from volssl.data.phantoms import nuclei as P  # nuclei_case and the _xnt_acquisition it calls
 
 
 def _tokens(a: np.ndarray, p: int = 4) -> np.ndarray:

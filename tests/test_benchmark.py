@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from volssl.benchmark import ARMS, cell_name, parse_n_train, run_benchmark, stage_lengths
+from volssl.benchmark import ARMS, BenchmarkSpec, cell_name, parse_n_train, run_benchmark, stage_lengths
 
 
 def test_parse_n_train():
@@ -35,15 +35,15 @@ def test_cell_names():
 
 def test_unknown_method_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown benchmark method"):
-        run_benchmark(tmp_path, ["nope"], ["brain"], scale="quick")
+        run_benchmark(tmp_path, BenchmarkSpec(["nope"], ["brain"], scale="quick"))
 
 
 @pytest.mark.slow
 def test_quick_benchmark_runs_resumes_and_reports(tmp_path):
     out = tmp_path / "bench"
-    kw = dict(methods=["s3d", "no-fixed"], datasets=["brain"], n_trains=[2], seeds=[0], scale="quick",
-              generalisation=["brain:brain"], workers=1)
-    result = run_benchmark(out, **kw)
+    spec = BenchmarkSpec(methods=["s3d", "no-fixed"], datasets=["brain"], n_trains=[2], seeds=[0], scale="quick",
+                         generalisation=["brain:brain"])
+    result = run_benchmark(out, spec, workers=1)
     cells = result["cells"]
     assert {c["method"] for c in cells} == {"s3d", "no-fixed"}
     assert all(0.0 <= c["dice"] <= 1.0 for c in cells)
@@ -54,7 +54,7 @@ def test_quick_benchmark_runs_resumes_and_reports(tmp_path):
     assert "s3d" in report and "no-fixed" in report
     metrics = out / "finetune" / "brain" / "s3d_n2_s0" / "metrics.json"
     stamp = metrics.stat().st_mtime_ns
-    again = run_benchmark(out, **kw)  # resume: nothing recomputed
+    again = run_benchmark(out, spec, workers=1)  # resume: nothing recomputed
     assert metrics.stat().st_mtime_ns == stamp
     assert [c["dice"] for c in again["cells"]] == [c["dice"] for c in cells]
     assert set(ARMS) >= {"s3d", "no-fixed", "no-dyn", "amaes-unet", "swinunetr-ssl", "mae-xnt", "voco"}
@@ -73,8 +73,8 @@ def test_a_failing_cell_is_reported_not_raised(tmp_path):
 @pytest.mark.slow
 def test_draws_run_apart_and_one_report_pairs_each_method_with_its_twin(tmp_path):
     out = tmp_path / "bench"
-    result = run_benchmark(out, ["s3d", "no-fixed"], ["brain"], n_trains=[2], seeds=[0], scale="quick",
-                           workers=1, draws=[0, 1])
+    result = run_benchmark(out, BenchmarkSpec(["s3d", "no-fixed"], ["brain"], n_trains=[2], seeds=[0], scale="quick",
+                                              draws=[0, 1]), workers=1)
     assert sorted(result["draws"]) == ["0", "1"] and result["failed"] == 0
     for k in (0, 1):  # each draw its own phantoms, pool and pre-training
         assert (out / f"draw{k}" / "pretrain" / "s3d@brain" / "checkpoints" / "final.pt").is_file()

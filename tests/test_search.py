@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from volssl.search import SPACES, SearchSpace, get_space, run_search, trial_key, trial_overrides
+from volssl.search import SPACES, SearchSpace, TrialSetup, get_space, run_search, trial_key, trial_overrides
 
 
 def test_spaces_hold_the_supplement_tables():
@@ -39,8 +39,9 @@ def test_tiny_search_runs_and_resumes(tmp_path):
     raw = generate_phantoms(tmp_path / "raw", "brain", n=6, n_test=1, seed=0, shape=(40, 40, 40), progress=False)
     space = SearchSpace("t", "test", "scratch-s3d-schedule-tiny",
                         {"lr": (1e-3, 2e-3), "weight_decay": (1e-2,), "steps": (3, 4)})
-    kw = dict(checkpoint=None, dataset=str(raw), out=tmp_path / "s", n_train=2, progress=False, device="cpu",
-              overrides=["patch_size=32,32,32", "arch=resenc-tiny", "num_workers=0", "train.val_every=0"])
+    setup = TrialSetup(checkpoint=None, dataset=str(raw), n_train=2, device="cpu",
+                       overrides=["patch_size=32,32,32", "arch=resenc-tiny", "num_workers=0", "train.val_every=0"])
+    kw = dict(setup=setup, out=tmp_path / "s", progress=False)
     best = run_search(space, 2, **kw)
     assert best["n_complete"] == 2 and 0.0 <= best["value"] <= 1.0
     rows = list(csv.DictReader(open(tmp_path / "s" / "trials.csv")))
@@ -63,8 +64,9 @@ def test_instance_space_scores_the_best_threshold(tmp_path):
     raw = generate_phantoms(tmp_path / "raw", "axons", n=5, n_test=1, seed=0, shape=(40, 40, 40), progress=False)
     space = SearchSpace("t", "test", "scratch-mae-xnt-axons-tiny", {"lr": (1e-3,), "steps": (2,)}, metric="xpress",
                         thresholds=(0.5, 0.6))
-    best = run_search(space, 1, None, str(raw), tmp_path / "s", n_train=2, progress=False, device="cpu",
-                      overrides=["patch_size=32,32,32", "num_workers=0", "train.val_every=0", "plan=xnt"])
+    setup = TrialSetup(None, str(raw), n_train=2, device="cpu",
+                       overrides=["patch_size=32,32,32", "num_workers=0", "train.val_every=0", "plan=xnt"])
+    best = run_search(space, 1, setup, tmp_path / "s", progress=False)
     trial = json.loads(next((tmp_path / "s" / "trials").glob("*/trial.json")).read_text())
     assert best["threshold"] in (0.5, 0.6) and set(trial["per_threshold"]) == {"0.5", "0.6"}
     assert best["value"] == pytest.approx(max(v["xpress"] for v in trial["per_threshold"].values()))

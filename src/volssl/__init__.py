@@ -42,7 +42,7 @@ _API = {
     "convert_checkpoint": "volssl.models.import_formats",
     "segment": "volssl.inference.agglomerate",
     "segment_blockwise": "volssl.inference.agglomerate",
-    "predict_instances_folder": "volssl.inference.instances",
+    "predict_instances_folder": "volssl.experiment",
     "evaluate_instances": "volssl.evaluation.instance_metrics",
     "evaluate_instances_folder": "volssl.evaluation.instance_evaluate",
     "run_benchmark": "volssl.benchmark",
@@ -50,6 +50,17 @@ _API = {
 }
 
 __all__ = sorted(_API) + ["__version__"]
+
+
+def _load_builtin_specs() -> None:
+    """Register the built-in presets and the method configurations they use (called by volssl.config on demand)."""
+    import volssl.presets  # noqa: F401
+
+
+from volssl import config as _config  # noqa: E402  (the root wires the presets into the config registry)
+
+if _load_builtin_specs not in _config.SPEC_LOADERS:
+    _config.SPEC_LOADERS.append(_load_builtin_specs)
 
 
 def __getattr__(name: str) -> Any:

@@ -34,57 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from volssl.experiment import AGGLOMERATION_THRESHOLDS, DEFAULT_TASK, FitSpec, fit_predict_score, get_task, \
+    task_of_dataset
+from volssl.presets.arms import ARMS, Arm  # the arms are registered by the preset modules, next to their presets
 from volssl.util.atomic import write_json_atomic
 from volssl.util.workers import watched_pool
 
-
-@dataclass(frozen=True)
-class Arm:
-    """One row of the comparison: a pre-training preset (None: from scratch) and a fine-tuning recipe.
-
-    ``recipe`` and ``preset`` are real-scale names; the tiny scales use their ``-tiny`` siblings.
-    ``plan`` preprocesses the unlabeled pool and the labeled data (the paper's "fixed" setting: the
-    pre-training plan; from scratch the same plan unless ``plan="dynamic"``). ``label`` is the
-    paper's name for the row; ``domain`` the kind of unlabeled pool it pre-trains on.
-    """
-
-    name: str
-    label: str
-    recipe: str
-    preset: str | None = None
-    plan: str = "s3d"
-    arch: str | None = None  # from scratch: the architecture (real scale; the tiny scale uses its sibling)
-    finetune_overrides: tuple[str, ...] = ()
-    min_patch: int | None = None  # smallest patch side the architecture trains on (tiny scales raise theirs to it)
-    own_pretrain_patch: bool = False  # pre-train on the preset's patch (VoCo: a grid of base crops), not the scale's
-    twin: str | None = None  # the from-scratch arm it is paired with in the report (same network, plan, schedule)
-
-
-ARMS: dict[str, Arm] = {a.name: a for a in (
-    Arm("s3d", "S3D (sparse MAE, ResEnc)", "s3d", preset="s3d-b", twin="no-fixed"),
-    Arm("no-fixed", "No (Fixed): ResEnc from scratch, pre-training plan", "scratch-s3d-schedule", arch="resenc-l"),
-    Arm("no-dyn", "No (Dyn.): ResEnc from scratch, nnU-Net-style dynamic plan", "scratch-dynamic", plan="dynamic"),
-    Arm("models-genesis", "Models Genesis (ResEnc)", "s3d", preset="models-genesis", twin="no-fixed"),
-    Arm("volume-fusion", "VolumeFusion (ResEnc)", "s3d", preset="volume-fusion", twin="no-fixed"),
-    Arm("voco", "VoCo (ResEnc encoder)", "s3d-encoder", preset="voco", own_pretrain_patch=True, twin="no-fixed"),
-    Arm("amaes-unet", "AMAES (U-Net B)", "amaes", preset="amaes-unet-b", plan="amaes", twin="scratch-unet"),
-    Arm("amaes-unet-no-intensity", "AMAES without intensity augmentation (U-Net B)", "amaes",
-        preset="amaes-unet-b-no-intensity", plan="amaes", twin="scratch-unet"),
-    Arm("scratch-unet", "U-Net B from scratch (AMAES schedule)", "scratch-amaes-schedule", plan="amaes",
-        arch="unet-b"),
-    # MONAI's SwinUNETR instance-normalises its 1/32-resolution features: a 32^3 patch (1^3) cannot train
-    Arm("swinunetr-ssl", "SwinUNETR self-supervised (rotation + contrastive + inpainting)", "swinunetr",
-        preset="swinunetr-ssl", plan="amaes", min_patch=64, twin="scratch-swinunetr"),
-    Arm("scratch-swinunetr", "SwinUNETR from scratch", "scratch-swinunetr", plan="amaes", arch="swinunetr",
-        min_patch=64),
-    Arm("mae-xnt", "MAE-XNT (ViT-B MAE, UNETR)", "mae-xnt", preset="mae-xnt", plan="xnt", twin="scratch-vit"),
-    Arm("scratch-vit", "ViT-B UNETR from scratch (MAE-XNT schedule)", "scratch-mae-xnt-schedule", plan="xnt",
-        arch="vit-b-unetr"),
-)}
-
-
-#: agglomeration thresholds predicted for instance datasets (MAE-XNT's search set); the first is reported
-AGGLOMERATION_THRESHOLDS = (0.5, 0.6, 0.7)
+# AGGLOMERATION_THRESHOLDS (from volssl.experiment): thresholds predicted for instance datasets; the first is reported
 #: phantom kind -> the domain of its unlabeled pool; domain -> the phantom kind the pool is made of
 DOMAINS = {"brain": "brain", "nuclei": "xnt", "axons": "xnt", "organs": "ct"}
 POOL_KINDS = {"brain": "brain", "xnt": "nuclei", "ct": "organs"}
@@ -150,53 +106,40 @@ def cell_name(arm: str, n_train: int | float | None, seed: int) -> str:
 def run_cell(job: dict[str, Any]) -> dict[str, Any]:
     """Fine-tune one cell, predict its test cases (and generalisation targets), evaluate; returns its scores.
 
-    Runs in a worker process (one CPU thread); a cell with a metrics.json is only read back.
+    Runs in a worker process (one CPU thread); a cell with a metrics.json is only read back. The job's
+    ``task`` (set from the dataset's instance labels; default semantic) picks prediction and scoring
+    (:mod:`volssl.experiment`): instance cells keep theirs in ``run/instances`` and report the first
+    agglomeration threshold in metrics.json, every one in threshold_sweep.json.
     """
     import torch
-
-    from volssl.evaluation.evaluate import evaluate_folder
-    from volssl.finetuning.finetune import finetune
-    from volssl.training.trainer import resume_or_start_over
-    from volssl.inference.predict import predict_folder
 
     if job.get("threads"):
         torch.set_num_threads(int(job["threads"]))
     run = Path(job["run"])
     metrics = run / "metrics.json"
     t0 = time.time()
-    instances = job.get("task") == "affinities"
+    task = get_task(job.get("task") or DEFAULT_TASK, tuple(job.get("thresholds") or AGGLOMERATION_THRESHOLDS))
+    device = job.get("device", "cpu")
     if not metrics.exists():
         n_train = job["n_train"]
-        resume_or_start_over(finetune, job["checkpoint"], job["dataset"], run, recipe=job["recipe"],
-                 n_train=n_train if isinstance(n_train, int) else None,
-                 fraction=n_train if isinstance(n_train, float) else None,
-                 seed=job["seed"], overrides=job["overrides"], stage_steps=job.get("stage_steps"),
-                 method_name=job["method"], progress=False)
-        if instances:  # affinities -> instances at every threshold; metrics.json = the first threshold's
-            from volssl.inference.instances import predict_instances_folder
-
-            thresholds = tuple(job.get("thresholds") or AGGLOMERATION_THRESHOLDS)
-            sweep = predict_instances_folder(run, job["test_images"], job["test_labels"], run / "instances",
-                                             thresholds=thresholds, device=job.get("device", "cpu"))
-            write_json_atomic(run / "threshold_sweep.json", {str(t): v for t, v in sweep.items()})
-            chosen = run / "instances" / f"metrics_t{thresholds[0]:g}.json"
-            write_json_atomic(metrics, json.loads(chosen.read_text()))
-        else:
-            predict_folder(run, job["test_images"], run / "predictions", mirror_axes=(), progress=False,
-                           device=job.get("device", "cpu"))
-            evaluate_folder(run / "predictions", job["test_labels"], metrics, progress=False)
+        fit = FitSpec(job["checkpoint"], job["dataset"], run, job["recipe"],
+                      n_train=n_train if isinstance(n_train, int) else None,
+                      fraction=n_train if isinstance(n_train, float) else None, seed=job["seed"],
+                      overrides=job["overrides"], stage_steps=job.get("stage_steps"), method_name=job["method"])
+        scores = fit_predict_score(fit, task, task.cell_dir(run), job["test_images"], job["test_labels"], device)
+        task.record_cell(run, scores)
     out = {"method": job["method"], "dataset": job["dataset_name"], "n_train": json.loads(
         (run / "run.json").read_text())["n_train"], "seed": job["seed"], "run": str(run),
            **_means(metrics), "generalisation": []}
-    if instances and (run / "threshold_sweep.json").exists():
+    if (run / "threshold_sweep.json").exists():
         out["threshold_sweep"] = json.loads((run / "threshold_sweep.json").read_text())
     for target in job.get("generalisation", []):
         gdir = Path(target["run"])
         gmetrics = gdir / "metrics.json"
         if not gmetrics.exists():
-            predict_folder(run, target["test_images"], gdir / "predictions", mirror_axes=(), progress=False,
-                           device=job.get("device", "cpu"))
-            evaluate_folder(gdir / "predictions", target["test_labels"], gmetrics, progress=False)
+            scores = task.predict_and_score(run, target["test_images"], target["test_labels"], task.cell_dir(gdir),
+                                            device)
+            task.record_cell(gdir, scores)
             run_json = json.loads((run / "run.json").read_text())
             write_json_atomic(gdir / "run.json", {**run_json, "dataset": target["name"], "trained_on": str(run)})
         out["generalisation"].append({"dataset": target["name"], "run": str(gdir), **_means(gmetrics)})
@@ -257,16 +200,11 @@ def parse_n_train(text: str) -> int | float | None:
     return None if value == 1 else value
 
 
-def run_benchmark(out: str | Path, methods: Sequence[str], datasets: Sequence[str],
-                  n_trains: Sequence[Any] | None = None, seeds: Sequence[int] | None = None, scale: str = "tiny",
-                  generalisation: Sequence[str] = (), unlabeled: str | None = None, workers: int = 2,
-                  device: str = "cpu", seed: int = 0, report: bool = True, pretrain_steps: int | None = None,
-                  finetune_steps: int | None = None, n_labeled: int | None = None,
-                  draws: Sequence[int] | None = None) -> dict[str, Any]:
-    """Run the comparison into ``out`` (see the module docstring); returns ``benchmark.json``'s content.
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """What a benchmark compares (its folder, parallelism and device aside); see :func:`run_benchmark`.
 
-    Args:
-        out: the benchmark folder (rerunning resumes).
+    Attributes:
         methods: names of :data:`ARMS`.
         datasets: phantom task names (``volssl phantoms --list-tasks``) or nnU-Net v2 raw dataset folders
             (with imagesTs/labelsTs for the held-out cases).
@@ -277,28 +215,52 @@ def run_benchmark(out: str | Path, methods: Sequence[str], datasets: Sequence[st
         generalisation: ``"A:B"`` pairs: runs trained on dataset A also predict B's test cases.
         unlabeled: an nnU-Net raw dataset or image folder as the unlabeled pool (default: phantoms of
             each dataset's domain, generated into ``out/unlabeled/<domain>``).
-        workers: cells fine-tuned in parallel (one thread each); device: "cpu", "cuda", ...
+        seed: seed of the generated phantoms and of pre-training.
         pretrain_steps, finetune_steps, n_labeled: override the scale's step counts and the number of
             labeled phantoms generated per task (a changed value is a new experiment: use another ``out``).
         draws: independent phantom draws (default: the scale's; None there: the one draw ``seed``): each
             draw ``k`` is a whole benchmark in ``out/draw<k>`` (its own pool, datasets and pre-training,
             generated with seed ``k``), and one report covers them all (``out/report``).
     """
-    from volssl.reports.report import make_report
 
-    if scale not in SCALES:
-        raise ValueError(f"unknown benchmark scale {scale!r}; choose one of {', '.join(SCALES)}")
-    sc = SCALES[scale]
-    seeds = list(sc.seeds if seeds is None else seeds)
-    n_trains = list(sc.n_trains if n_trains is None else n_trains)
-    draws = list(sc.draws if draws is None and sc.draws else draws or [])
+    methods: Sequence[str]
+    datasets: Sequence[str]
+    n_trains: Sequence[Any] | None = None
+    seeds: Sequence[int] | None = None
+    scale: str = "tiny"
+    generalisation: Sequence[str] = ()
+    unlabeled: str | None = None
+    seed: int = 0
+    pretrain_steps: int | None = None
+    finetune_steps: int | None = None
+    n_labeled: int | None = None
+    draws: Sequence[int] | None = None
+
+
+def run_benchmark(out: str | Path, spec: BenchmarkSpec, workers: int = 2, device: str = "cpu",
+                  report: bool = True) -> dict[str, Any]:
+    """Run the comparison ``spec`` into ``out`` (see the module docstring); returns ``benchmark.json``'s content.
+
+    Args:
+        out: the benchmark folder (rerunning resumes).
+        spec: methods, datasets, cells, scale and draws (:class:`BenchmarkSpec`).
+        workers: cells fine-tuned in parallel (one thread each).
+        device: "cpu", "cuda", ... (fine-tuning and prediction).
+        report: write ``out/report`` (``volssl report``).
+    """
+    if spec.scale not in SCALES:
+        raise ValueError(f"unknown benchmark scale {spec.scale!r}; choose one of {', '.join(SCALES)}")
+    sc = SCALES[spec.scale]
+    spec = dataclasses.replace(spec, seeds=list(sc.seeds if spec.seeds is None else spec.seeds),
+                               n_trains=list(sc.n_trains if spec.n_trains is None else spec.n_trains))
+    draws = list(sc.draws if spec.draws is None and sc.draws else spec.draws or [])
     if draws:
-        return _run_draws(out, methods, datasets, n_trains, seeds, scale, generalisation, unlabeled, workers, device,
-                          report, pretrain_steps, finetune_steps, n_labeled, draws)
-    if pretrain_steps or finetune_steps or n_labeled:
-        sc = dataclasses.replace(sc, pretrain_steps=pretrain_steps or sc.pretrain_steps,
-                                 finetune_steps=finetune_steps or sc.finetune_steps,
-                                 n_labeled=n_labeled or sc.n_labeled)
+        return _run_draws(out, spec, draws, workers, device, report)
+    if spec.pretrain_steps or spec.finetune_steps or spec.n_labeled:
+        sc = dataclasses.replace(sc, pretrain_steps=spec.pretrain_steps or sc.pretrain_steps,
+                                 finetune_steps=spec.finetune_steps or sc.finetune_steps,
+                                 n_labeled=spec.n_labeled or sc.n_labeled)
+    methods, datasets = spec.methods, spec.datasets
     unknown = [m for m in methods if m not in ARMS]
     if unknown:
         raise ValueError(f"unknown benchmark method(s) {unknown}; known: {', '.join(ARMS)}")
@@ -307,76 +269,24 @@ def run_benchmark(out: str | Path, methods: Sequence[str], datasets: Sequence[st
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    n_trains = [parse_n_train(str(n)) if not (n is None or isinstance(n, (int, float))) else n for n in n_trains]
-    pairs = [tuple(g.split(":", 1)) for g in generalisation]
-    for g, pair in zip(generalisation, pairs):
+    spec = dataclasses.replace(spec, n_trains=[
+        parse_n_train(str(n)) if not (n is None or isinstance(n, (int, float))) else n for n in spec.n_trains])
+    pairs = [tuple(g.split(":", 1)) for g in spec.generalisation]
+    for g, pair in zip(spec.generalisation, pairs):
         if len(pair) != 2 or pair[0] not in datasets:
             raise ValueError(f"generalisation {g!r} must be 'A:B' with A one of the datasets {list(datasets)}")
-    data = {name: _labeled_dataset(name, out, sc, seed) for name in {*datasets, *(b for _, b in pairs)}}
+    data = {name: _labeled_dataset(name, out, sc, spec.seed) for name in {*datasets, *(b for _, b in pairs)}}
     arms = [ARMS[m] for m in methods]
 
     # 1. pre-training, once per (arm, domain) --------------------------------------------------------
-    checkpoints: dict[tuple[str, str], str | None] = {}
-    broken: dict[tuple[str, str], str] = {}
-    for arm in arms:
-        for domain in sorted({data[d]["domain"] for d in datasets}):
-            try:
-                probe = next((str(data[d]["raw"]) for d in datasets if data[d]["domain"] == domain
-                              and data[d]["task"] == "semantic"), None)
-                checkpoints[(arm.name, domain)] = (None if arm.preset is None else
-                                                   _pretrain(arm, domain, out, sc, seed, unlabeled, probe))
-            except (RuntimeError, ValueError, KeyError, FileNotFoundError) as e:  # the other arms go on
-                broken[(arm.name, domain)] = f"pre-training failed: {type(e).__name__}: {e}"
-                _say(f"  {arm.name}@{domain}: {broken[(arm.name, domain)]} (rerun to retry)")
+    checkpoints, broken = _pretrain_arms(arms, spec, data, out, sc)
 
     # 2./3. cells -----------------------------------------------------------------------------------
-    jobs = []
-    plans: dict[tuple[str, str], dict[str, Any]] = {}
-    for d in datasets:
-        info = data[d]
-        for arm in arms:
-            if (arm.name, info["domain"]) in broken:
-                continue
-            ckpt = checkpoints[(arm.name, info["domain"])]
-            key = (arm.name, info["domain"])
-            if key not in plans:  # read each checkpoint once, not once per dataset
-                plans[key] = _plan(arm, sc, ckpt)
-            plan = plans[key]
-            pre = _prepare_labeled(info["raw"], plan, out / "labeled" / d / plan["name"])
-            recipe = _tiny(arm.recipe, sc)
-            overrides = list(arm.finetune_overrides)
-            if sc.patch:
-                side = max(sc.patch, arm.min_patch or 0)
-                overrides.append(f"patch_size={side},{side},{side}")
-            if arm.preset is None and arm.arch:
-                from volssl.models.registry import tiny_arch
-
-                overrides.append(f"arch={tiny_arch(arm.arch) if sc.tiny else arm.arch}")
-            steps = stage_lengths(recipe, sc.finetune_steps) if sc.finetune_steps else None
-            for n in n_trains:
-                for s in seeds:
-                    run = out / "finetune" / d / cell_name(arm.name, n, s)
-                    gen = [{"name": f"{d}->{b}", "run": str(out / "finetune" / f"{d}->{b}" / run.name),
-                            "test_images": str(data[b]["raw"] / "imagesTs"),
-                            "test_labels": str(data[b]["raw"] / "labelsTs")} for a, b in pairs if a == d]
-                    jobs.append({"method": arm.name, "dataset_name": d, "checkpoint": ckpt, "dataset": str(pre),
-                                 "recipe": recipe, "stage_steps": steps, "n_train": n, "task": info["task"],
-                                 "overrides": overrides + (["task=affinities"] if info["task"] == "affinities"
-                                                           else []),
-                                 "seed": s, "run": str(run), "test_images": str(info["raw"] / "imagesTs"),
-                                 "test_labels": str(info["raw"] / "labelsTs"), "generalisation": gen,
-                                 "threads": 1, "device": device})
+    jobs = _cell_jobs(arms, spec, data, pairs, out, sc, checkpoints, broken, device)
+    n_trains, seeds = spec.n_trains, spec.seeds
     _say(f"{len(jobs)} fine-tuning cells ({len(arms)} methods x {len(datasets)} datasets x n_train "
          f"{['all' if n is None else n for n in n_trains]} x seeds {list(seeds)}), {workers} at a time")
-    results = []
-    if workers <= 1:
-        for job in jobs:
-            results.append(_done(safe_cell(job)))
-    else:
-        ctx = __import__("multiprocessing").get_context("spawn")
-        with watched_pool(workers, ctx) as pool:  # its workers exit if this process is killed
-            for r in pool.map(safe_cell, jobs):
-                results.append(_done(r))
+    results = _run_cells(jobs, workers)
     failed = [r for r in results if "error" in r]
 
     # 4. report ---------------------------------------------------------------------------------------
@@ -387,6 +297,8 @@ def run_benchmark(out: str | Path, methods: Sequence[str], datasets: Sequence[st
                "cells": results, "failed": len(failed), "seconds": round(time.time() - t0, 1),
                "pretraining_failed": {f"{a}@{d}": why for (a, d), why in broken.items()}}
     if report:
+        from volssl.reports.report import make_report
+
         make_report([out / "finetune"], out / "report", twins=twins_of(methods), probe_dirs=[out / "pretrain"],
                     evidence_note=EVIDENCE_NOTE)
         summary["report"] = str(out / "report" / "report.md")
@@ -396,13 +308,97 @@ def run_benchmark(out: str | Path, methods: Sequence[str], datasets: Sequence[st
     return summary
 
 
+def _pretrain_arms(arms: list[Arm], spec: BenchmarkSpec, data: dict[str, dict[str, Any]], out: Path,
+                   sc: BenchScale) -> tuple[dict[tuple[str, str], str | None], dict[tuple[str, str], str]]:
+    """Pre-train every arm once per domain of ``spec.datasets``: ``({(arm, domain): checkpoint or None},
+    {(arm, domain): why it failed})``; a failure is reported and the other arms go on."""
+    checkpoints: dict[tuple[str, str], str | None] = {}
+    broken: dict[tuple[str, str], str] = {}
+    datasets = spec.datasets
+    for arm in arms:
+        for domain in sorted({data[d]["domain"] for d in datasets}):
+            try:
+                probe = next((str(data[d]["raw"]) for d in datasets if data[d]["domain"] == domain
+                              and get_task(data[d]["task"]).probe), None)
+                checkpoints[(arm.name, domain)] = (None if arm.preset is None else
+                                                   _pretrain(arm, domain, out, sc, spec.seed, spec.unlabeled, probe))
+            except (RuntimeError, ValueError, KeyError, FileNotFoundError) as e:  # the other arms go on
+                broken[(arm.name, domain)] = f"pre-training failed: {type(e).__name__}: {e}"
+                _say(f"  {arm.name}@{domain}: {broken[(arm.name, domain)]} (rerun to retry)")
+    return checkpoints, broken
+
+
+def _arm_overrides(arm: Arm, sc: BenchScale) -> list[str]:
+    """The fine-tuning recipe overrides of ``arm`` at scale ``sc`` (patch side, from-scratch architecture)."""
+    overrides = list(arm.finetune_overrides)
+    if sc.patch:
+        side = max(sc.patch, arm.min_patch or 0)
+        overrides.append(f"patch_size={side},{side},{side}")
+    if arm.preset is None and arm.arch:
+        from volssl.models.registry import tiny_arch
+
+        overrides.append(f"arch={tiny_arch(arm.arch) if sc.tiny else arm.arch}")
+    return overrides
+
+
+def _cell_jobs(arms: list[Arm], spec: BenchmarkSpec, data: dict[str, dict[str, Any]], pairs: list[tuple[str, ...]],
+               out: Path, sc: BenchScale, checkpoints: dict[tuple[str, str], str | None],
+               broken: dict[tuple[str, str], str], device: str) -> list[dict[str, Any]]:
+    """The :func:`run_cell` job of every (dataset, arm, n_train, seed) whose pre-training did not fail;
+    each labeled dataset is preprocessed once per plan on the way."""
+    jobs = []
+    plans: dict[tuple[str, str], dict[str, Any]] = {}
+    for d in spec.datasets:
+        info = data[d]
+        task = get_task(info["task"])  # from the dataset's instance labels (_labeled_dataset)
+        for arm in arms:
+            if (arm.name, info["domain"]) in broken:
+                continue
+            ckpt = checkpoints[(arm.name, info["domain"])]
+            key = (arm.name, info["domain"])
+            if key not in plans:  # read each checkpoint once, not once per dataset
+                plans[key] = _plan(arm, sc, ckpt)
+            plan = plans[key]
+            pre = _prepare_labeled(info["raw"], plan, out / "labeled" / d / plan["name"])
+            recipe = _tiny(arm.recipe, sc)
+            overrides = _arm_overrides(arm, sc)
+            steps = stage_lengths(recipe, sc.finetune_steps) if sc.finetune_steps else None
+            for n in spec.n_trains:
+                for s in spec.seeds:
+                    run = out / "finetune" / d / cell_name(arm.name, n, s)
+                    gen = [{"name": f"{d}->{b}", "run": str(out / "finetune" / f"{d}->{b}" / run.name),
+                            "test_images": str(data[b]["raw"] / "imagesTs"),
+                            "test_labels": str(data[b]["raw"] / "labelsTs")} for a, b in pairs if a == d]
+                    jobs.append({"method": arm.name, "dataset_name": d, "checkpoint": ckpt, "dataset": str(pre),
+                                 "recipe": recipe, "stage_steps": steps, "n_train": n, "task": task.name,
+                                 "overrides": overrides + list(task.recipe_overrides),
+                                 "seed": s, "run": str(run), "test_images": str(info["raw"] / "imagesTs"),
+                                 "test_labels": str(info["raw"] / "labelsTs"), "generalisation": gen,
+                                 "threads": 1, "device": device})
+    return jobs
+
+
+def _run_cells(jobs: list[dict[str, Any]], workers: int) -> list[dict[str, Any]]:
+    """:func:`safe_cell` of every job, ``workers`` at a time (spawned processes), in job order."""
+    results = []
+    if workers <= 1:
+        for job in jobs:
+            results.append(_done(safe_cell(job)))
+    else:
+        ctx = __import__("multiprocessing").get_context("spawn")
+        with watched_pool(workers, ctx) as pool:  # its workers exit if this process is killed
+            for r in pool.map(safe_cell, jobs):
+                results.append(_done(r))
+    return results
+
+
 def twins_of(methods: Sequence[str]) -> dict[str, str]:
     """``{arm: its from-scratch twin}`` for the arms of ``methods`` whose twin is also in ``methods``."""
     return {m: ARMS[m].twin for m in methods if m in ARMS and ARMS[m].twin in methods}
 
 
-def _run_draws(out, methods, datasets, n_trains, seeds, scale, generalisation, unlabeled, workers, device, report,
-               pretrain_steps, finetune_steps, n_labeled, draws) -> dict[str, Any]:
+def _run_draws(out: str | Path, spec: BenchmarkSpec, draws: Sequence[int], workers: int, device: str,
+               report: bool) -> dict[str, Any]:
     """:func:`run_benchmark` once per draw into ``out/draw<k>`` (seed ``k``), then one report over all draws."""
     from volssl.reports.report import make_report
 
@@ -411,13 +407,12 @@ def _run_draws(out, methods, datasets, n_trains, seeds, scale, generalisation, u
     per_draw = {}
     for k in draws:
         _say(f"draw {k} of {list(draws)} -> {out / f'draw{k}'}")
-        per_draw[int(k)] = run_benchmark(out / f"draw{k}", methods, datasets, n_trains, seeds, scale, generalisation,
-                                         unlabeled, workers, device, seed=int(k), report=False,
-                                         pretrain_steps=pretrain_steps, finetune_steps=finetune_steps,
-                                         n_labeled=n_labeled, draws=[])
+        per_draw[int(k)] = run_benchmark(out / f"draw{k}", dataclasses.replace(spec, seed=int(k), draws=[]),
+                                         workers, device, report=False)
     summary: dict[str, Any] = {"draws": {str(k): v for k, v in per_draw.items()}, "seconds": round(time.time() - t0, 1),
                                "failed": sum(v["failed"] for v in per_draw.values())}
     if report:
+        methods = spec.methods
         rep = make_report([out / f"draw{k}" / "finetune" for k in draws], out / "report", twins=twins_of(methods),
                           probe_dirs=[out / f"draw{k}" / "pretrain" for k in draws], evidence_note=EVIDENCE_NOTE)
         summary["report"] = str(out / "report" / "report.md")
@@ -461,8 +456,7 @@ def _labeled_dataset(name: str, out: Path, sc: BenchScale, seed: int) -> dict[st
             raise ValueError(f"dataset folder {path} has no dataset.json (an nnU-Net v2 raw dataset needs one)")
         meta = json.loads((path / "dataset.json").read_text())
         kind = (meta.get("volssl_phantoms") or {}).get("kind", "brain")
-        return {"raw": path.resolve(), "domain": DOMAINS.get(kind, "brain"),
-                "task": "affinities" if meta.get("instance_labels") else "semantic"}
+        return {"raw": path.resolve(), "domain": DOMAINS.get(kind, "brain"), "task": task_of_dataset(meta)}
     if name not in phantoms.PHANTOM_KINDS and name not in tasks:
         raise ValueError(f"dataset {name!r} is neither a folder nor a phantom kind or task "
                          f"({', '.join([*phantoms.PHANTOM_KINDS, *tasks])})")
@@ -477,8 +471,7 @@ def _labeled_dataset(name: str, out: Path, sc: BenchScale, seed: int) -> dict[st
                                        shape=(sc.phantom_shape,) * 3, overwrite=True, progress=False)
     meta = json.loads((raw / "dataset.json").read_text())
     kind = tasks[name].kind if name in tasks else name
-    return {"raw": raw.resolve(), "domain": DOMAINS.get(kind, "brain"),
-            "task": "affinities" if meta.get("instance_labels") else "semantic"}
+    return {"raw": raw.resolve(), "domain": DOMAINS.get(kind, "brain"), "task": task_of_dataset(meta)}
 
 
 def _pool(domain: str, out: Path, sc: BenchScale, seed: int, unlabeled: str | None) -> Path:

@@ -149,19 +149,26 @@ def register_preset(name: str) -> Callable[[Callable[[], RunConfig]], Callable[[
     return deco
 
 
-def _load_builtin_presets() -> None:
-    # Importing the preset module registers the presets (and the method configs they use).
-    from volssl import presets  # noqa: F401
+#: functions that register the built-in presets and method configurations when first needed. The
+#: package root (``volssl/__init__.py``) adds the one importing :mod:`volssl.presets`: this module sits
+#: below the presets and methods in docs/design.md's layers and never imports them itself.
+SPEC_LOADERS: list[Callable[[], None]] = []
+
+
+def load_builtin_specs() -> None:
+    """Register the built-in presets, methods and their configurations (idempotent)."""
+    for load in SPEC_LOADERS:
+        load()
 
 
 def list_presets() -> list[str]:
-    _load_builtin_presets()
+    load_builtin_specs()
     return sorted(PRESETS)
 
 
 def get_preset(name: str) -> RunConfig:
     """Return a fresh RunConfig for preset ``name`` (KeyError with the list of known names)."""
-    _load_builtin_presets()
+    load_builtin_specs()
     if name not in PRESETS:
         raise KeyError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
     cfg = PRESETS[name]()
@@ -271,7 +278,7 @@ def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
 
 
 def _method_class(name: str) -> type[MethodConfig]:
-    _load_builtin_presets()
+    load_builtin_specs()
     if name not in METHOD_CONFIGS:
         raise ValueError(f"unknown method {name!r}; known: {sorted(METHOD_CONFIGS)}")
     return METHOD_CONFIGS[name]

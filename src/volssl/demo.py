@@ -70,15 +70,7 @@ def run_demo(out: str | Path = "volssl_demo", quick: bool = False, seed: int = 0
     """
     import torch
 
-    from volssl.config import resolve
-    from volssl.data.dataset import PreprocessedDataset
-    from volssl.data.patches import PatchSampler, make_loader
-    from volssl.data.phantoms import generate_phantoms
-    from volssl.data.preprocess import get_plan, preprocess
-    from volssl.finetuning.finetune import prepare_dataset
     from volssl.reports.report import make_report
-    from volssl.training.checkpoint import load_checkpoint
-    from volssl.training.trainer import pretrain, resume_or_start_over
 
     scale = QUICK if quick else FULL
     out = Path(out)
@@ -87,7 +79,31 @@ def run_demo(out: str | Path = "volssl_demo", quick: bool = False, seed: int = 0
     t0 = time.time()
     summary: dict[str, Any] = {"quick": quick, "seed": seed, "scale": scale.__dict__, "stages": {}}
 
-    # 1. phantoms -------------------------------------------------------------------------
+    labeled = _phantoms(out, scale, seed)  # 1.
+    pre = _preprocess_pool(out, summary)  # 2.
+    cfg = _pretrain_config(scale, seed, labeled)
+    _patch_stream(pre, cfg, seed, summary)  # 3.
+    run = _pretrain_s3d(cfg, pre, out, scale, summary)  # 4.
+    runs = _finetune_runs(out, run / "checkpoints" / "final.pt", labeled, scale, cfg, workers)  # 5.
+
+    # 6. report ---------------------------------------------------------------------------------
+    make_report([out / "finetune"], out / "report", twins={"s3d": "scratch"}, probe_dirs=[run])
+    comparison = _compare(runs)
+    results = {"runs": [{k: r[k] for k in ("init", "n_train", "seed", "dice", "nsd")} for r in runs],
+               "comparison": comparison, "report": str(out / "report" / "report.md"),
+               "seconds": round(time.time() - t0, 1), **summary}
+    write_json_atomic(out / "results.json", results)
+    for row in comparison:
+        _say(f"n_train={row['n_train']}: S3D {row['s3d_dice']:.3f} vs scratch {row['scratch_dice']:.3f} mean Dice "
+             f"over seeds {row['seeds']}: {100 * row['delta_dice']:+.1f} points")
+    _say(f"done in {results['seconds']} s. Results: {out / 'results.json'}; report: {results['report']}")
+    return results
+
+
+def _phantoms(out: Path, scale: DemoScale, seed: int) -> Path:
+    """1. The unlabeled pool ``out/unlabeled`` and the labeled dataset ``out/labeled`` (returned)."""
+    from volssl.data.phantoms import generate_phantoms
+
     shape = (scale.shape,) * 3
     unlabeled, labeled = out / "unlabeled", out / "labeled"
     for path, n, n_test, s, what in ((unlabeled, scale.n_unlabeled, 0, seed + 1000, "unlabeled pool"),
@@ -95,25 +111,42 @@ def run_demo(out: str | Path = "volssl_demo", quick: bool = False, seed: int = 0
         if not (path / "dataset.json").exists():
             _say(f"generating the {what}: {n + n_test} brain phantoms ({scale.shape}^3, T1/T2/FLAIR) -> {path}")
             generate_phantoms(path, "brain", n=n, n_test=n_test, seed=s, shape=shape, overwrite=True)
+    return labeled
 
-    # 2. preprocessing of the unlabeled pool ---------------------------------------------------
+
+def _preprocess_pool(out: Path, summary: dict[str, Any]) -> Path:
+    """2. ``out/unlabeled`` preprocessed with the S3D plan at :data:`DEMO_SPACING` into ``out/unlabeled_pre``."""
+    from volssl.data.preprocess import get_plan, preprocess
+
     pre = out / "unlabeled_pre"
     _say(f"preprocessing the unlabeled pool with the S3D plan at 2 mm (RAS, z-score, crop) -> {pre}")
     plan = get_plan("s3d")
     plan.target_spacing = DEMO_SPACING
     plan.rules.min_file_bytes = None  # small phantoms compress below the 200 kB rule meant for real scans
-    ps = preprocess(unlabeled, pre, plan=plan, workers=2)
+    ps = preprocess(out / "unlabeled", pre, plan=plan, workers=2)
     print(ps.format(), flush=True)
     summary["stages"]["preprocess"] = {"dir": str(pre), "ok": ps.n_ok, "excluded": ps.n_excluded}
+    return pre
 
-    # 3. patch stream ---------------------------------------------------------------------------
+
+def _pretrain_config(scale: DemoScale, seed: int, labeled: Path):
+    """The tiny S3D pre-training configuration (the probe scored on the labeled training cases)."""
+    from volssl.config import resolve
+
     p = scale.patch
-    cfg = resolve("s3d-b-tiny", [f"train.steps={scale.pretrain_steps}", f"train.seed={seed}",
-                                 f"data.patch_size={p},{p},{p}",
-                                 f"train.preview_every={max(scale.pretrain_steps // 3, 1)}",
-                                 f"train.checkpoint_every={max(scale.pretrain_steps // 3, 1)}",
-                                 f"train.probe_dataset={labeled}",
-                                 f"train.probe_every={max(scale.pretrain_steps // 4, 3)}"])
+    return resolve("s3d-b-tiny", [f"train.steps={scale.pretrain_steps}", f"train.seed={seed}",
+                                  f"data.patch_size={p},{p},{p}",
+                                  f"train.preview_every={max(scale.pretrain_steps // 3, 1)}",
+                                  f"train.checkpoint_every={max(scale.pretrain_steps // 3, 1)}",
+                                  f"train.probe_dataset={labeled}",
+                                  f"train.probe_every={max(scale.pretrain_steps // 4, 3)}"])
+
+
+def _patch_stream(pre: Path, cfg: Any, seed: int, summary: dict[str, Any]) -> None:
+    """3. A few batches through the multi-process patch loader (their shape and rate)."""
+    from volssl.data.dataset import PreprocessedDataset
+    from volssl.data.patches import PatchSampler, make_loader
+
     sampler = PatchSampler(PreprocessedDataset(pre), cfg.data.patch_size, seed=seed,
                            channel_mode=cfg.data.channel_mode)
     n_batches, t = 8, time.perf_counter()
@@ -125,23 +158,36 @@ def run_demo(out: str | Path = "volssl_demo", quick: bool = False, seed: int = 0
          "(2 workers, start-up included)")
     summary["stages"]["patches"] = {"batch_shape": list(batch["image"].shape), "patches_per_s": round(rate, 1)}
 
-    # 4. S3D pre-training ---------------------------------------------------------------------
+
+def _pretrain_s3d(cfg: Any, pre: Path, out: Path, scale: DemoScale, summary: dict[str, Any]) -> Path:
+    """4. S3D pre-training into ``out/pretrain`` (resumed); returns the run folder."""
+    from volssl.training.trainer import pretrain, resume_or_start_over
+
     run = out / "pretrain"
+    p = scale.patch
     _say(f"pre-training S3D ({cfg.preset}: {cfg.model.arch}, {p}^3, {scale.pretrain_steps} steps) -> {run}")
     res = resume_or_start_over(pretrain, cfg, pre, run)
     previews = sorted((run / "previews").glob("*.png"))
     summary["stages"]["pretrain"] = {"dir": str(run), "status": res.get("status"), "step": res.get("step"),
                                      "loss_ema": res.get("loss_ema"),
                                      "preview": str(previews[-1]) if previews else None}
-    checkpoint = run / "checkpoints" / "final.pt"
+    return run
 
-    # 5. fine-tuning, prediction, evaluation ------------------------------------------------------
+
+def _finetune_runs(out: Path, checkpoint: Path, labeled: Path, scale: DemoScale, cfg: Any,
+                   workers: int) -> list[dict[str, Any]]:
+    """5. S3D-initialised and from-scratch fine-tuning runs (benchmark cells: fine-tune, predict the
+    held-out cases, evaluate), ``workers`` at a time; their scores."""
+    from volssl.finetuning.finetune import prepare_dataset
+    from volssl.training.checkpoint import load_checkpoint
+
     plan = load_checkpoint(checkpoint)["plan"]
     _say("preprocessing the labeled dataset with the checkpoint's plan (the paper's fixed setting)")
     labeled_pre = prepare_dataset(labeled, plan, out, out / "labeled_pre", workers=2, progress=True, check=True)
     common = {"dataset": str(labeled_pre), "dataset_name": "brain", "threads": 1,
               "stage_steps": list(scale.stage_steps) if scale.stage_steps else None,
               "test_images": str(labeled / "imagesTs"), "test_labels": str(labeled / "labelsTs")}
+    p = scale.patch
     jobs = []
     for n_train in scale.n_trains:
         for s in scale.seeds:
@@ -163,19 +209,7 @@ def run_demo(out: str | Path = "volssl_demo", quick: bool = False, seed: int = 0
             r["init"] = r["method"]
             runs.append(r)
             _say(f"  {Path(r['run']).name:<22} Dice {r['dice']:.3f}  NSD {r['nsd']:.3f}  ({r['seconds']} s)")
-
-    # 6. report ---------------------------------------------------------------------------------
-    make_report([out / "finetune"], out / "report", twins={"s3d": "scratch"}, probe_dirs=[run])
-    comparison = _compare(runs)
-    results = {"runs": [{k: r[k] for k in ("init", "n_train", "seed", "dice", "nsd")} for r in runs],
-               "comparison": comparison, "report": str(out / "report" / "report.md"),
-               "seconds": round(time.time() - t0, 1), **summary}
-    write_json_atomic(out / "results.json", results)
-    for row in comparison:
-        _say(f"n_train={row['n_train']}: S3D {row['s3d_dice']:.3f} vs scratch {row['scratch_dice']:.3f} mean Dice "
-             f"over seeds {row['seeds']}: {100 * row['delta_dice']:+.1f} points")
-    _say(f"done in {results['seconds']} s. Results: {out / 'results.json'}; report: {results['report']}")
-    return results
+    return runs
 
 
 def _compare(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:

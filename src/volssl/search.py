@@ -29,7 +29,6 @@ import csv
 import hashlib
 import json
 import math
-import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -123,104 +122,73 @@ def trial_key(params: dict[str, float]) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
-def _val_folders(run: Path, dest: Path) -> tuple[Path, Path]:
-    """Folders of links to the run's validation cases: raw images and labels (from the manifest's sources)."""
-    from volssl.data.dataset import PreprocessedDataset
+@dataclass(frozen=True)
+class TrialSetup:
+    """What every trial of a search shares: the model to fine-tune, the data and the run settings.
 
-    splits = json.loads((run / "splits.json").read_text())
-    val = splits.get("val") or []
-    if not val:
-        raise ValueError(f"{run}: the fold has no validation cases to score a trial on")
-    summary = json.loads((run / "summary.json").read_text())
-    data = PreprocessedDataset(summary["preprocessed"])
-    by_id = {r.id: r for r in data.cases}
-    images, labels = dest / "images", dest / "labels"
-    for folder in (images, labels):
-        folder.mkdir(parents=True, exist_ok=True)
-    for case in val:
-        rec = by_id[case]
-        if not rec.source or not rec.label_source:
-            raise ValueError(f"{summary['preprocessed']}: case {case} records no source image or label file")
-        for src in [*rec.source, rec.label_source]:
-            folder = labels if src == rec.label_source else images
-            link = folder / Path(src).name
-            if not link.exists():
-                os.symlink(src, link)
-    return images, labels
+    ``checkpoint``: pre-trained checkpoint or run dir (None / "none": from scratch); ``dataset``: labeled
+    dataset (nnU-Net v2 raw or preprocessed); ``steps_per_hour``: converts a space's ``hours`` to steps;
+    ``seed``: sampler and fine-tuning seed; ``n_train``: labeled cases (None: the space's fraction);
+    ``overrides``: recipe overrides applied to every trial; ``device``: prediction device.
+    """
+
+    checkpoint: str | None
+    dataset: str
+    steps_per_hour: float | None = None
+    seed: int = 0
+    n_train: int | None = None
+    overrides: Sequence[str] = ()
+    device: str = "auto"
 
 
-def run_trial(space: SearchSpace, params: dict[str, float], checkpoint: str | None, dataset: str, out: Path,
-              steps_per_hour: float | None = None, seed: int = 0, n_train: int | None = None,
-              overrides: Sequence[str] = (), device: str = "auto", progress: bool = False) -> dict[str, Any]:
-    """Fine-tune with ``params``, predict and score the validation cases; ``{"value", "threshold", "run"}``."""
-    from volssl.evaluation.evaluate import evaluate_folder
-    from volssl.finetuning.finetune import finetune
-    from volssl.training.trainer import resume_or_start_over
-    from volssl.inference.predict import predict_folder
+def run_trial(space: SearchSpace, params: dict[str, float], setup: TrialSetup, out: Path,
+              progress: bool = False) -> dict[str, Any]:
+    """Fine-tune with ``params``, predict and score the validation cases; ``{"value", "threshold", "run"}``.
 
-    extra, stages = trial_overrides(space, params, steps_per_hour)
+    The recipe's task decides prediction and scoring (:mod:`volssl.experiment`): Dice of the semantic
+    predictions, or the best agglomeration threshold's ``space.metric`` of the instance predictions.
+    """
+    from volssl.experiment import FitSpec, fit_predict_score, get_task, task_of_recipe
+
+    extra, stages = trial_overrides(space, params, setup.steps_per_hour)
     run = out / "trials" / trial_key(params)
     score_file = run / "trial.json"
     if score_file.exists():
         return json.loads(score_file.read_text())
-    resume_or_start_over(finetune, checkpoint, dataset, run, recipe=space.recipe, n_train=n_train,
-             fraction=None if n_train else space.fraction, seed=seed, overrides=[*overrides, *extra],
-             stage_steps=stages, progress=progress)
-    images, labels = _val_folders(run, run / "validation")
-    if space.metric == "dice":
-        predict_folder(run, images, run / "validation" / "predictions", mirror_axes=(), progress=progress,
-                       device=device)
-        metrics = evaluate_folder(run / "validation" / "predictions", labels, run / "validation" / "metrics.json",
-                                  progress=False)
-        result = {"value": float(metrics["mean"]["dice"]), "threshold": None}
-    else:
-        from volssl.inference.instances import predict_instances_folder  # affinities + agglomeration
-
-        scores = predict_instances_folder(run, images, labels, run / "validation", thresholds=space.thresholds,
-                                          device=device, progress=progress)
-        best = max(scores, key=lambda t: scores[t][space.metric])
-        result = {"value": float(scores[best][space.metric]), "threshold": float(best),
-                  "per_threshold": {str(t): v for t, v in scores.items()}}
-    result.update(params={k: float(v) for k, v in params.items()}, run=str(run), overrides=[*overrides, *extra],
+    overrides = [*setup.overrides, *extra]
+    task = get_task(task_of_recipe(space.recipe, overrides), space.thresholds)
+    fit = FitSpec(setup.checkpoint, setup.dataset, run, space.recipe, n_train=setup.n_train,
+                  fraction=None if setup.n_train else space.fraction, seed=setup.seed, overrides=overrides,
+                  stage_steps=stages)
+    scores = fit_predict_score(fit, task, run / "validation", device=setup.device, progress=progress)
+    result = task.objective(scores, space.metric)
+    result.update(params={k: float(v) for k, v in params.items()}, run=str(run), overrides=[*setup.overrides, *extra],
                   stage_steps=stages)
     write_json_atomic(score_file, result)
     return result
 
 
-def run_search(space: str | SearchSpace, trials: int, checkpoint: str | None, dataset: str, out: str | Path,
-               storage: str | None = None, study_name: str | None = None, seed: int = 0,
-               steps_per_hour: float | None = None, n_train: int | None = None, overrides: Sequence[str] = (),
-               device: str = "auto", progress: bool = True) -> dict[str, Any]:
+def run_search(space: str | SearchSpace, trials: int, setup: TrialSetup, out: str | Path,
+               storage: str | None = None, study_name: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Run (or resume, or join) the random search until the study has ``trials`` completed trials.
 
-    Returns ``best.json``'s content. See the module docstring for the files written.
+    ``setup``: the checkpoint, dataset and settings every trial shares (:class:`TrialSetup`);
+    ``storage``: Optuna storage URL (default ``sqlite:///OUT/study.db``); ``study_name``: default
+    ``volssl-<space>``. Returns ``best.json``'s content. See the module docstring for the files written.
     """
     import optuna
 
     sp = space if isinstance(space, SearchSpace) else get_space(space)
     if trials < 1:
         raise ValueError(f"trials must be >= 1, got {trials}")
+    checkpoint = setup.checkpoint
     if (checkpoint is None or str(checkpoint).lower() == "none") != sp.recipe.startswith("scratch"):
         raise ValueError(f"search space {sp.name!r} uses recipe {sp.recipe!r}: "
                          + ("train from scratch with --checkpoint none" if sp.recipe.startswith("scratch")
                             else "give a pre-trained --checkpoint"))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat API
-    url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
-    store = optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180)
-    study = optuna.create_study(study_name=study_name or f"volssl-{sp.name}", storage=store, direction="maximize",
-                                sampler=optuna.samplers.RandomSampler(seed=seed), load_if_exists=True)
-    study.set_user_attr("space", sp.name)
-    optuna.storages.fail_stale_trials(study)  # RUNNING trials whose process stopped beating: FAIL
-    # failed trials (a killed process, an error) are queued again once: their run resumes from its checkpoint
-    done_params = {trial_key(t.params) for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE}
-    queued = {trial_key(t.params) for t in study.trials if t.state == optuna.trial.TrialState.WAITING}
-    for t in study.trials:
-        if t.state == optuna.trial.TrialState.FAIL and t.params and trial_key(t.params) not in done_params | queued:
-            study.enqueue_trial(t.params)
-            queued.add(trial_key(t.params))
+    study = _open_study(sp, out, storage, study_name, setup.seed)
 
     def completed_keys() -> set[str]:
         return {trial_key(t.params) for t in study.get_trials(deepcopy=False)
@@ -231,8 +199,7 @@ def run_search(space: str | SearchSpace, trials: int, checkpoint: str | None, da
         if trial_key(params) in completed_keys():  # drawn again: no new information, draw anew
             raise optuna.TrialPruned("these parameters were already evaluated")
         try:
-            result = run_trial(sp, params, checkpoint, dataset, out, steps_per_hour, seed, n_train, overrides,
-                               device)
+            result = run_trial(sp, params, setup, out)
         except Exception as e:
             trial.set_user_attr("error", f"{type(e).__name__}: {e}")
             raise
@@ -256,7 +223,7 @@ def run_search(space: str | SearchSpace, trials: int, checkpoint: str | None, da
             break
         # a fresh random stream per trial: a resumed or parallel process continues instead of repeating
         # the draws of the first trials (reproducible for a given seed and study history)
-        study.sampler = optuna.samplers.RandomSampler(seed=seed * 1_000_003 + len(study.trials))
+        study.sampler = optuna.samplers.RandomSampler(seed=setup.seed * 1_000_003 + len(study.trials))
         study.optimize(objective, n_trials=1, catch=(RuntimeError, ValueError, FloatingPointError))
         last = study.get_trials(deepcopy=False)[-1]
         failures = failures + 1 if last.state == optuna.trial.TrialState.FAIL else 0
@@ -266,7 +233,30 @@ def run_search(space: str | SearchSpace, trials: int, checkpoint: str | None, da
         bar.n = min(n_complete(), trials)
         bar.refresh()
     bar.close()
-    return write_results(study, sp, out, steps_per_hour)
+    return write_results(study, sp, out, setup.steps_per_hour)
+
+
+def _open_study(sp: SearchSpace, out: Path, storage: str | None, study_name: str | None, seed: int) -> Any:
+    """The Optuna study of ``sp`` in ``storage`` (created, or loaded to resume / join it), stale trials failed
+    and failed trials queued again once (their run resumes from its checkpoint)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat API
+    url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    store = optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180)
+    study = optuna.create_study(study_name=study_name or f"volssl-{sp.name}", storage=store, direction="maximize",
+                                sampler=optuna.samplers.RandomSampler(seed=seed), load_if_exists=True)
+    study.set_user_attr("space", sp.name)
+    optuna.storages.fail_stale_trials(study)  # RUNNING trials whose process stopped beating: FAIL
+    # failed trials (a killed process, an error) are queued again once: their run resumes from its checkpoint
+    done_params = {trial_key(t.params) for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE}
+    queued = {trial_key(t.params) for t in study.trials if t.state == optuna.trial.TrialState.WAITING}
+    for t in study.trials:
+        if t.state == optuna.trial.TrialState.FAIL and t.params and trial_key(t.params) not in done_params | queued:
+            study.enqueue_trial(t.params)
+            queued.add(trial_key(t.params))
+    return study
 
 
 def write_results(study: Any, space: SearchSpace, out: Path, steps_per_hour: float | None = None) -> dict[str, Any]:

@@ -229,7 +229,7 @@ def test_an_output_that_is_a_link_loop_is_named_as_one(paths, capsys):
 
 
 def test_predict_checks_its_output_before_loading_the_model(paths, capsys, monkeypatch):
-    from volssl.inference.predict import predict_folder
+    from volssl.inference.predict import PredictOptions, predict_folder
 
     monkeypatch.setattr("volssl.inference.predict.load_finetuned", _raise(AssertionError("model loaded")))
     labels = _labels_folder(paths["tmp"] / "in")
@@ -238,7 +238,7 @@ def test_predict_checks_its_output_before_loading_the_model(paths, capsys, monke
     assert time.perf_counter() - t0 < 1.0
     assert "is an existing file" in _one_error_line(capsys, "predict")
     with pytest.raises(ValueError, match="existing file"):  # the library function too
-        predict_folder(paths["dir"], labels, paths["file"], device="cpu", progress=False)
+        predict_folder(paths["dir"], labels, paths["file"], PredictOptions(device="cpu"), progress=False)
 
 
 def test_predict_stops_when_the_output_cannot_be_written(tmp_path, capsys, monkeypatch):

@@ -95,7 +95,7 @@ def test_a_shape_mismatch_is_told_from_the_headers_without_reading(folders, monk
         return read(path)
 
     monkeypatch.setattr(ev, "_read_labels", read_but_not_b)
-    monkeypatch.setattr(ev, "machine_memory_bytes", lambda: 64 << 30)  # the bomb passes the memory check
+    monkeypatch.setattr(ev, "available_memory_bytes", lambda total=False: 64 << 30)  # the bomb passes the memory check
     res = evaluate_folder(pred_dir, ref_dir, None, progress=False)
     (err,) = res["errors"]
     assert err["case"] == "b" and res["mean"]["n_cases"] == 2

@@ -33,8 +33,8 @@ def run(tmp, checkpoint, dataset, monkeypatch=None, stop_after=None, snapshots=N
     if monkeypatch is not None:
         real = ft.run_loop
 
-        def spy(out, tc, **kwargs):
-            module, on_step, forward = kwargs["module"], kwargs["on_step"], kwargs["forward"]
+        def spy(out, tc, job, **kwargs):
+            module, on_step, forward = job.module, job.on_step, job.forward
 
             def hook(step):
                 changed = on_step(step)
@@ -48,8 +48,8 @@ def run(tmp, checkpoint, dataset, monkeypatch=None, stop_after=None, snapshots=N
                     os.kill(os.getpid(), signal.SIGUSR1)
                 return forward(model, batch, step)
 
-            kwargs.update(on_step=hook, forward=stopping_forward)
-            return real(out, tc, **kwargs)
+            job.on_step, job.forward = hook, stopping_forward
+            return real(out, tc, job, **kwargs)
 
         monkeypatch.setattr(ft, "run_loop", spy)
     kw.setdefault("recipe", "s3d-tiny")

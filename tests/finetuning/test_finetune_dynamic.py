@@ -63,7 +63,7 @@ def test_ct_dynamic_plan_end_to_end_and_centre_generalisation(tmp_path):
     a model trained on centre A predicts the unseen centre B (other contrast, noise and spacing)."""
     from volssl.data.phantoms import generate_task
     from volssl.evaluation.evaluate import evaluate_folder
-    from volssl.inference.predict import predict_folder
+    from volssl.inference.predict import PredictOptions, predict_folder
 
     ct = generate_task(tmp_path / "ct", "ct-organs", 5, n_test=1, shape=(24, 24, 24), progress=False)
     ft.finetune(None, ct, tmp_path / "ft-ct", recipe="scratch-dynamic-tiny", stage_steps=[2], overrides=SMALL,
@@ -73,16 +73,16 @@ def test_ct_dynamic_plan_end_to_end_and_centre_generalisation(tmp_path):
     hu = ck["plan"]["ct_intensities"][0]
     assert -200 < hu["percentile_00_5"] < hu["mean"] < hu["percentile_99_5"] < 400
     assert ck["labels"] == {"background": 0, "liver": 1, "kidney": 2, "spleen": 3}
-    pred = predict_folder(tmp_path / "ft-ct", ct / "imagesTs", tmp_path / "pred-ct", mirror_axes=(), device="cpu",
-                          progress=False)
+    pred = predict_folder(tmp_path / "ft-ct", ct / "imagesTs", tmp_path / "pred-ct",
+                          PredictOptions(mirror_axes=(), device="cpu"), progress=False)
     assert pred["n_predicted"] == 1 and pred["n_failed"] == 0
 
     a = generate_task(tmp_path / "a", "brain-lesions", 5, n_test=0, shape=(24, 24, 24), progress=False)
     b = generate_task(tmp_path / "b", "brain-lesions-centre-b", 1, n_test=1, shape=(24, 24, 24), progress=False)
     ft.finetune(None, a, tmp_path / "ft-a", recipe="scratch-dynamic-tiny", stage_steps=[2], overrides=SMALL,
                 progress=False)
-    pred = predict_folder(tmp_path / "ft-a", b / "imagesTs", tmp_path / "pred-b", mirror_axes=(), device="cpu",
-                          progress=False)
+    pred = predict_folder(tmp_path / "ft-a", b / "imagesTs", tmp_path / "pred-b",
+                          PredictOptions(mirror_axes=(), device="cpu"), progress=False)
     assert pred["n_predicted"] == 1
     metrics = evaluate_folder(tmp_path / "pred-b", b / "labelsTs", tmp_path / "metrics.json", progress=False)
     assert [c["case"] for c in metrics["cases"]] == ["brain_lesions_centre_b_001"] and not metrics["missing"]

@@ -49,8 +49,8 @@ def test_encoder_output_at_step_0_equals_the_pretrained_encoder(preset, fusion, 
 
     captured = {}
 
-    def spy(out, tc, **kwargs):
-        captured["network"] = kwargs["module"]
+    def spy(out, tc, job, **kwargs):
+        captured["network"] = job.module
         raise _Stop
 
     monkeypatch.setattr(ft, "run_loop", spy)
@@ -100,8 +100,8 @@ def test_finetuning_feeds_the_intensities_pretraining_saw(kind, plan, preset, re
     pre = next(iter(batches(0, 0, 1)))["image"].numpy()
     seen = []
 
-    def spy(out, tc, **kwargs):
-        seen.append(next(iter(kwargs["batches"](0, 0, 1)))["image"].numpy())
+    def spy(out, tc, job, **kwargs):
+        seen.append(next(iter(job.batches(0, 0, 1)))["image"].numpy())
         raise _Stop
 
     monkeypatch.setattr(ft, "run_loop", spy)

@@ -13,7 +13,8 @@ def test_affinity_finetune_predict_and_score(tmp_path):
 
     from volssl.data.phantoms import generate_phantoms
     from volssl.finetuning.finetune import finetune
-    from volssl.inference.instances import predict_instances_folder, threshold_dir
+    from volssl.experiment import predict_instances_folder
+    from volssl.inference.instances import threshold_dir
     from volssl.inference.predict import load_finetuned
 
     raw = generate_phantoms(tmp_path / "axons", "axons", n=5, n_test=1, seed=0, shape=(40, 40, 40), progress=False)

@@ -18,11 +18,12 @@ from torch import nn
 from volssl.cli import main
 from volssl.config import ModelConfig, config_to_dict
 from volssl.data.preprocess import PreprocessPlan, preprocess_arrays
-from volssl.inference.predict import FineTunedModel, find_inputs, load_finetuned, predict_folder
+from volssl.inference.predict import FineTunedModel, PredictOptions, find_inputs, load_finetuned, predict_folder
 from volssl.models.registry import build_model
 
 NIB_DATA = Path(nib.__file__).parent / "tests" / "data"
 LABELS = {"background": 0, "bright": 1}
+CPU_NO_MIRROR = PredictOptions(mirror_axes=(), device="cpu")
 
 
 def threshold_network(z: float, steepness: float = 50.0, channels: int = 1) -> nn.Module:
@@ -115,8 +116,8 @@ def check_outputs(inputs: Path, out: Path, plan: PreprocessPlan, min_dice: float
 def test_native_spacing_predictions_keep_the_geometry_and_match_the_threshold(inputs, tmp_path):
     plan = PreprocessPlan(name="native", target_spacing=None, normalization="zscore")
     out = tmp_path / "out"
-    summary = predict_folder(make_model(plan), inputs, out, overlap=0.5, mirror_axes=(0, 1, 2), device="cpu",
-                             progress=False)
+    summary = predict_folder(make_model(plan), inputs, out, PredictOptions(overlap=0.5, mirror_axes=(0, 1, 2),
+                                                                           device="cpu"), progress=False)
     assert summary["n_failed"] == 0 and summary["n_predicted"] == len(list(inputs.iterdir())) == 9
     scores = check_outputs(inputs, out, plan, min_dice=0.999)  # no resampling: the same voxels
     assert scores["anatomical"] == 1.0
@@ -127,8 +128,8 @@ def test_resampled_predictions_keep_the_geometry_and_match_the_threshold(inputs,
     # 1.5 mm from 2 / 4 / 7 mm (and 1 x 3 x 2 mm): up- and down-sampling, separate-z for "thick"
     plan = PreprocessPlan(name="iso", target_spacing=(1.5, 1.5, 1.5), normalization="zscore")
     out = tmp_path / "out"
-    summary = predict_folder(make_model(plan), inputs, out, mirror_axes=(), device="cpu", progress=False,
-                             save_probabilities=True)
+    summary = predict_folder(make_model(plan), inputs, out, PredictOptions(mirror_axes=(), device="cpu",
+                                                                           save_probabilities=True), progress=False)
     assert summary["n_failed"] == 0
     scores = check_outputs(inputs, out, plan, min_dice=0.8)
     assert np.mean(list(scores.values())) >= 0.9, scores
@@ -152,7 +153,7 @@ def test_bad_inputs_are_reported_and_skipped(tmp_path):
     (src / "garbage.nii").write_bytes(np.random.default_rng(0).bytes(4000))
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), str(src / "empty.nii.gz"))
     plan = PreprocessPlan(name="native", target_spacing=None)
-    summary = predict_folder(make_model(plan), src, tmp_path / "out", mirror_axes=(), device="cpu", progress=False)
+    summary = predict_folder(make_model(plan), src, tmp_path / "out", CPU_NO_MIRROR, progress=False)
     assert summary["n_predicted"] == 1 and summary["predicted"][0]["case"] == "good"
     failed = {f["case"]: f for f in summary["failed"]}
     assert set(failed) == {"four_d", "truncated", "garbage", "empty"}
@@ -177,7 +178,7 @@ def test_a_link_loop_and_a_pipe_among_the_inputs_are_reported_and_skipped(tmp_pa
     os.symlink(src / "loop_a.nii.gz", src / "loop_b.nii.gz")
     os.mkfifo(src / "pipe.nii.gz")
     plan = PreprocessPlan(name="native", target_spacing=None)
-    summary = predict_folder(make_model(plan), src, src / "out", mirror_axes=(), device="cpu", progress=False)
+    summary = predict_folder(make_model(plan), src, src / "out", CPU_NO_MIRROR, progress=False)
     assert [p["case"] for p in summary["predicted"]] == ["good"]
     failed = {f["case"]: f["reason"] for f in summary["failed"]}
     assert set(failed) == {"loop_a", "loop_b", "pipe"}
@@ -199,8 +200,7 @@ def test_channel_files_are_grouped_and_mismatches_reported(tmp_path):
     assert "gap_0001.nii.gz" in cases["gap"].error
 
     plan = PreprocessPlan(name="native", target_spacing=None)
-    summary = predict_folder(make_model(plan, channels=2), src, tmp_path / "out", mirror_axes=(), device="cpu",
-                             progress=False)
+    summary = predict_folder(make_model(plan, channels=2), src, tmp_path / "out", CPU_NO_MIRROR, progress=False)
     assert [p["case"] for p in summary["predicted"]] == ["pair"]
     failed = {f["case"]: f["reason"] for f in summary["failed"]}
     assert "missing channel file(s) gap_0001.nii.gz" in failed["gap"]
@@ -231,7 +231,7 @@ def test_load_finetuned_resenc_and_predict(tmp_path):
     src = tmp_path / "in"
     src.mkdir()
     shutil.copy(NIB_DATA / "anatomical.nii", src / "anatomical.nii")
-    summary = predict_folder(tmp_path / "run", src, tmp_path / "out", mirror_axes=(), device="cpu", progress=False)
+    summary = predict_folder(tmp_path / "run", src, tmp_path / "out", CPU_NO_MIRROR, progress=False)
     assert summary["n_predicted"] == 1 and summary["model"] == str(ckpt)
     out = nib.load(str(tmp_path / "out" / "anatomical.nii.gz"))
     ref = nib.load(str(src / "anatomical.nii"))
@@ -281,7 +281,7 @@ def test_label_values_follow_the_labels_and_errors_do_not_stop_the_run(tmp_path)
     plan = PreprocessPlan(name="native", target_spacing=None)
     model = FineTunedModel(network=threshold_network(0.5), plan=plan, labels={"bright": 7, "background": 0},
                            channels=["T1"], patch_size=(16, 16, 16))
-    summary = predict_folder(model, src, tmp_path / "out", mirror_axes=(), device="cpu", progress=False)
+    summary = predict_folder(model, src, tmp_path / "out", CPU_NO_MIRROR, progress=False)
     assert [p["labels_found"] for p in summary["predicted"]] == [[0, 7], [0, 7]]
     assert nib.load(str(tmp_path / "out" / "a.nii.gz")).get_data_dtype() == np.uint8
 
@@ -290,7 +290,7 @@ def test_label_values_follow_the_labels_and_errors_do_not_stop_the_run(tmp_path)
             raise RuntimeError("boom")
 
     model.network = Broken()
-    summary = predict_folder(model, src, tmp_path / "out2", mirror_axes=(), device="cpu", progress=False)
+    summary = predict_folder(model, src, tmp_path / "out2", CPU_NO_MIRROR, progress=False)
     assert summary["n_predicted"] == 0 and [f["case"] for f in summary["failed"]] == ["a", "b"]
     assert all("RuntimeError: boom" in f["reason"] for f in summary["failed"])
 
@@ -308,7 +308,7 @@ def test_a_volume_larger_than_memory_allows_is_refused_from_its_header(tmp_path,
     (src / "huge.nii").write_bytes(hdr.binaryblock + b"\0" * 4 + b"\1" * 300_000)
     monkeypatch.setattr(predict_module, "default_max_voxels", lambda: 200 ** 3)
     plan = PreprocessPlan(name="native", target_spacing=None)
-    summary = predict_folder(make_model(plan), src, tmp_path / "out", mirror_axes=(), device="cpu", progress=False)
+    summary = predict_folder(make_model(plan), src, tmp_path / "out", CPU_NO_MIRROR, progress=False)
     assert [p["case"] for p in summary["predicted"]] == ["good"]
     (failed,) = summary["failed"]
     assert failed["case"] == "huge" and "640" in failed["reason"] and "limit" in failed["reason"]

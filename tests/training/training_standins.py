@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 from volssl.config import RunConfig, apply_overrides, get_preset
 
+from volssl.methods.base import MethodBase  # noqa: E402
+
 MethodOutput = namedtuple("MethodOutput", ["loss", "previews"])
 
 
@@ -33,7 +35,7 @@ class TinyNet(nn.Module):
         return self.decoder(self.encoder(x))
 
 
-class TinyMAE(nn.Module):
+class TinyMAE(MethodBase):
     """Masked autoencoder on 4^3 blocks; masks drawn for the global batch from the global torch RNG,
     loss = mean over samples of the per-sample masked-voxel MSE (the method contract)."""
 

@@ -202,17 +202,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import numcodecs.blosc
     import zarr
 
-    from volssl.data.volume_crops import VolumeCropSampler
-
-    for name in ("size", "crop", "crops", "chunk"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"bench crops: --{name} must be >= 1, got {getattr(args, name)}")
-    if args.crop > args.size:
-        raise ValueError(f"bench crops: --crop {args.crop} is larger than --size {args.size}")
-    layouts = [s.strip() for s in str(args.tiff_layouts).split(",") if s.strip()]
-    bad = [s for s in layouts if s not in TIFF_LAYOUTS]
-    if bad:
-        raise ValueError(f"bench crops: unknown --tiff-layouts {bad}; known: {', '.join(TIFF_LAYOUTS)}")
+    layouts = _check_args(args)
     progress = not args.no_progress
     symmetries, zscore = not args.no_symmetries, not args.no_zscore
     rss_start = _rss_mib()
@@ -224,14 +214,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             result["source"] = "given: " + ", ".join(str(p) for p in args.volume)
             write_s = None
         else:
-            parent = Path(args.workdir) if args.workdir else Path(tempfile.gettempdir())
-            parent.mkdir(parents=True, exist_ok=True)
-            need = args.size ** 3 * (1 + len(layouts)) * 1.1
-            free = shutil.disk_usage(parent).free
-            if free < need:
-                raise ValueError(f"bench crops: {parent} has {free / 2**30:.1f} GiB free, the volumes need about "
-                                 f"{need / 2**30:.1f} GiB; pass --workdir on a larger disk or a smaller --size")
-            tmp = Path(tempfile.mkdtemp(prefix="volssl-bench-crops-", dir=parent))
+            tmp = _work_folder(args, layouts)
             t = time.perf_counter()
             paths = _write_in_child(tmp, args.size, args.chunk, layouts, args.zarr_codec, args.seed, progress)
             write_s = round(time.perf_counter() - t, 1)
@@ -246,17 +229,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                       "decoders single-threaded; *_wall: wall clock",
             "write_s": write_s,
         })
-        samplers = {}
-        for key, path in paths.items():
-            samplers[key] = VolumeCropSampler([path], args.crop, seed=args.seed, sampling="uniform",
-                                              symmetries=symmetries, zscore=zscore, max_open=1)
-            vol = samplers[key].volumes[0]
-            result[f"{key}_reader"] = vol.kind
-            result[f"{key}_shape"] = list(vol.shape)
-            result[f"{key}_disk_mib"] = round(_disk_bytes(path) / 2**20, 1)
-        first = next(iter(samplers.values())).volumes[0]
-        result["volume_shape"] = list(first.shape)
-        result["volume_mib"] = round(first.n_voxels * np.dtype(first.dtype).itemsize / 2**20, 1)
+        samplers = _samplers(paths, args, result)
         old_blosc = numcodecs.blosc.set_nthreads(1)
         try:
             with single_threaded(), zarr.config.set({"threading.max_workers": 1, "async.concurrency": 1}):
@@ -267,27 +240,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     result[f"{key}_crops_per_s_per_worker"] = round(m["per_s"], 1)
                     result[f"{key}_crops_per_s_wall"] = round(m["per_s_wall"], 1)
                     result[f"{key}_ms_per_crop"] = round(m["ms"], 3)
-                result["rss_start_mib"] = round(rss_start, 1)
-                result["peak_rss_before_reading_mib"] = round(rss_before, 1)
-                result["peak_rss_files_mib"] = round(_rss_mib(), 1)  # before any in-memory copy exists
-                result["rss_growth_reading_mib"] = round(_rss_mib() - rss_before, 1)
-                current = _current_rss_mib()
-                result["rss_now_mib"] = round(current, 1) if current is not None else None
-                result["volume_loaded_whole"] = bool(result["rss_growth_reading_mib"] >= 0.5 * result["volume_mib"])
-                memory_rate = None
+                _record_rss(result, rss_start, rss_before)
                 if not args.no_memory:
-                    key0 = next(iter(samplers))
-                    array = _load_whole(samplers[key0], progress)
-                    m = measure(samplers[key0], args.crops, array=array, progress=progress,
-                                desc=f"in-memory {args.crop}^3 crops")
-                    del array
-                    memory_rate = m["per_s"]
-                    result["memory_crops_per_s_per_worker"] = round(m["per_s"], 1)
-                    result["memory_crops_per_s_wall"] = round(m["per_s_wall"], 1)
-                    result["memory_ms_per_crop"] = round(m["ms"], 3)
-                    result["peak_rss_with_memory_copy_mib"] = round(_rss_mib(), 1)
-                    for key, rate in rates.items():
-                        result[f"ratio_{key}_vs_memory"] = round(rate / memory_rate, 3)
+                    _measure_memory(samplers, rates, args, progress, result)
                 best = max(rates, key=rates.get)
                 result["best_source"] = best
                 result["mae_xnt_batch"] = MAE_XNT_BATCH
@@ -302,6 +257,82 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         if tmp is not None and not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_args(args: argparse.Namespace) -> list[str]:
+    """ValueError for a size below 1, a crop larger than the volume or an unknown TIFF layout; returns
+    the TIFF layouts of ``--tiff-layouts``."""
+    for name in ("size", "crop", "crops", "chunk"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"bench crops: --{name} must be >= 1, got {getattr(args, name)}")
+    if args.crop > args.size:
+        raise ValueError(f"bench crops: --crop {args.crop} is larger than --size {args.size}")
+    layouts = [s.strip() for s in str(args.tiff_layouts).split(",") if s.strip()]
+    bad = [s for s in layouts if s not in TIFF_LAYOUTS]
+    if bad:
+        raise ValueError(f"bench crops: unknown --tiff-layouts {bad}; known: {', '.join(TIFF_LAYOUTS)}")
+    return layouts
+
+
+def _work_folder(args: argparse.Namespace, layouts: list[str]) -> Path:
+    """A new temporary folder under ``--workdir`` (default: the system's) for the volumes, after checking
+    that its disk holds them (``--size``^3 bytes per volume, the Zarr one and one per TIFF layout, +10%)."""
+    parent = Path(args.workdir) if args.workdir else Path(tempfile.gettempdir())
+    parent.mkdir(parents=True, exist_ok=True)
+    need = args.size ** 3 * (1 + len(layouts)) * 1.1
+    free = shutil.disk_usage(parent).free
+    if free < need:
+        raise ValueError(f"bench crops: {parent} has {free / 2**30:.1f} GiB free, the volumes need about "
+                         f"{need / 2**30:.1f} GiB; pass --workdir on a larger disk or a smaller --size")
+    return Path(tempfile.mkdtemp(prefix="volssl-bench-crops-", dir=parent))
+
+
+def _samplers(paths: dict[str, Path], args: argparse.Namespace, result: dict[str, Any]) -> dict[str, Any]:
+    """One ``VolumeCropSampler`` per volume; records each volume's reader, shape and disk size (MiB) and
+    the first one's shape and size in memory (MiB) in ``result``."""
+    from volssl.data.volume_crops import VolumeCropSampler
+
+    samplers = {}
+    for key, path in paths.items():
+        samplers[key] = VolumeCropSampler([path], args.crop, seed=args.seed, sampling="uniform",
+                                          symmetries=not args.no_symmetries, zscore=not args.no_zscore, max_open=1)
+        vol = samplers[key].volumes[0]
+        result[f"{key}_reader"] = vol.kind
+        result[f"{key}_shape"] = list(vol.shape)
+        result[f"{key}_disk_mib"] = round(_disk_bytes(path) / 2**20, 1)
+    first = next(iter(samplers.values())).volumes[0]
+    result["volume_shape"] = list(first.shape)
+    result["volume_mib"] = round(first.n_voxels * np.dtype(first.dtype).itemsize / 2**20, 1)
+    return samplers
+
+
+def _record_rss(result: dict[str, Any], rss_start: float, rss_before: float) -> None:
+    """The resident set sizes (MiB) after the file phases, before any in-memory copy exists, and
+    whether reading grew it by half the volume or more (``volume_loaded_whole``)."""
+    result["rss_start_mib"] = round(rss_start, 1)
+    result["peak_rss_before_reading_mib"] = round(rss_before, 1)
+    result["peak_rss_files_mib"] = round(_rss_mib(), 1)  # before any in-memory copy exists
+    result["rss_growth_reading_mib"] = round(_rss_mib() - rss_before, 1)
+    current = _current_rss_mib()
+    result["rss_now_mib"] = round(current, 1) if current is not None else None
+    result["volume_loaded_whole"] = bool(result["rss_growth_reading_mib"] >= 0.5 * result["volume_mib"])
+
+
+def _measure_memory(samplers: dict[str, Any], rates: dict[str, float], args: argparse.Namespace, progress: bool,
+                    result: dict[str, Any]) -> None:
+    """The in-memory upper bound: the first volume loaded whole, read through the same sampler; records
+    its rates and each file's rate relative to it (``rates``: crops/s per volume)."""
+    key0 = next(iter(samplers))
+    array = _load_whole(samplers[key0], progress)
+    m = measure(samplers[key0], args.crops, array=array, progress=progress, desc=f"in-memory {args.crop}^3 crops")
+    del array
+    memory_rate = m["per_s"]
+    result["memory_crops_per_s_per_worker"] = round(m["per_s"], 1)
+    result["memory_crops_per_s_wall"] = round(m["per_s_wall"], 1)
+    result["memory_ms_per_crop"] = round(m["ms"], 3)
+    result["peak_rss_with_memory_copy_mib"] = round(_rss_mib(), 1)
+    for key, rate in rates.items():
+        result[f"ratio_{key}_vs_memory"] = round(rate / memory_rate, 3)
 
 
 def _load_whole(sampler, progress: bool) -> np.ndarray:

@@ -22,7 +22,7 @@ import statistics
 import time
 from typing import Any, Callable
 
-from volssl.cli.args import cubic_size
+from volssl.util.parsing import cubic_size
 
 TARGET_RATIO = 1.0
 

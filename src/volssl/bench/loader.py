@@ -286,7 +286,6 @@ def compare_formats(
     small_per_round: int = 15,
     large: int = 160,
     small: int = 64,
-    workdir: str | os.PathLike | None = None,
     progress: bool = True,
     kind: str = "brain",
 ) -> list[dict[str, Any]]:
@@ -297,7 +296,8 @@ def compare_formats(
     ``small``^3 windows (the same windows for every layout). Interleaving the layouts spreads a
     shared machine's load changes over all of them; reported times are medians of process CPU time
     (see ``Timer``), the write time is wall clock. Zarr runs with one thread
-    (``threading.max_workers=1``, blosc nthreads 1).
+    (``threading.max_workers=1``, blosc nthreads 1). The layouts are written to a temporary
+    directory (``tempfile``'s: ``$TMPDIR`` chooses the disk), removed afterwards.
 
     Returns:
         one dict per layout (keys ``format, chunks, inner, codec, size_mib, compression, write_s,
@@ -310,63 +310,80 @@ def compare_formats(
     _, image, _ = next(phantom_cases(1, shape, 1, seed, kind))
     rng = np.random.default_rng([seed, 1])
     spatial = image.shape[1:]
-
-    def origins(size: int, n: int) -> list[list[int]]:
-        return [[int(rng.integers(0, max(d - size, 0) + 1)) for d in spatial] for _ in range(n)]
-
-    def read(arr, origin: list[int], size: int) -> np.ndarray:
-        return np.asarray(arr[(slice(0, 1),) + tuple(slice(o, o + size) for o in origin)])
-
-    tmp = Path(tempfile.mkdtemp(prefix="volssl-formats-", dir=workdir))
+    tmp = Path(tempfile.mkdtemp(prefix="volssl-formats-"))
     old_nb = numcodecs.blosc.set_nthreads(1)
     try:
         with single_threaded(), zarr.config.set({"threading.max_workers": 1, "async.concurrency": 1}):
-            layouts = []
-            for fmt, chunk, block, codec, clevel, shuffle in tqdm(configs, desc="write layouts", file=sys.stderr, disable=not progress):
-                path = tmp / f"{fmt}-{chunk}-{block}-{codec}{clevel}-{int(shuffle)}{'.b2nd' if fmt == 'blosc2' else '.zarr'}"
-                t = time.perf_counter()
-                arr = _write_format(path, image, fmt, chunk, block, codec, clevel, shuffle)
-                write_s = time.perf_counter() - t
-                window = (slice(0, 1), slice(3, 70), slice(5, 69), slice(10, 40))
-                if not np.array_equal(np.asarray(arr[window]), image[window]):
-                    raise RuntimeError(f"compare_formats: {path.name} did not round-trip")
-                inner = f"blocks {block}^3" if fmt == "blosc2" else (f"shards {block}^3" if block else "-")
-                row = {
-                    "format": fmt,
-                    "chunks": f"{chunk}^3",
-                    "inner": inner,
-                    "codec": f"{codec}-{clevel}{'+shuffle' if shuffle else ''}",
-                    "size_mib": round(_disk_bytes(path) / 2**20, 1),
-                    "compression": round(image.nbytes / _disk_bytes(path), 2),
-                    "write_s": round(write_s, 2),
-                }
-                layouts.append((row, arr, {"whole": Timer(), "large": Timer(), "small": Timer()}))
+            layouts = _write_layouts(image, configs, tmp, progress)
             for _ in tqdm(range(rounds), desc="read layouts", file=sys.stderr, disable=not progress):
-                o_large, o_small = origins(large, large_per_round), origins(small, small_per_round)
+                o_large = _origins(rng, spatial, large, large_per_round)
+                o_small = _origins(rng, spatial, small, small_per_round)
                 for _, arr, timers in layouts:
                     with timers["whole"]():
                         np.asarray(arr[...])
                     for o in o_large:
                         with timers["large"]():
-                            read(arr, o, large)
+                            _read_window(arr, o, large)
                     for o in o_small:
                         with timers["small"]():
-                            read(arr, o, small)
-            rows = []
-            for row, _, timers in layouts:
-                whole, t_large, t_small = (timers[k].median() for k in ("whole", "large", "small"))
-                row.update(
-                    whole_ms=round(whole * 1e3, 1),
-                    large_ms=round(t_large * 1e3, 2),
-                    small_ms=round(t_small * 1e3, 2),
-                    whole_over_large=round(whole / t_large, 2),
-                )
-                rows.append(row)
+                            _read_window(arr, o, small)
+            rows = [_timed_row(row, timers) for row, _, timers in layouts]
             del layouts
     finally:
         numcodecs.blosc.set_nthreads(old_nb)
         shutil.rmtree(tmp, ignore_errors=True)
     return rows
+
+
+def _origins(rng: np.random.Generator, spatial: Sequence[int], size: int, n: int) -> list[list[int]]:
+    """``n`` random window origins (x, y, z voxels) of ``size``^3 windows inside ``spatial``."""
+    return [[int(rng.integers(0, max(d - size, 0) + 1)) for d in spatial] for _ in range(n)]
+
+
+def _read_window(arr, origin: list[int], size: int) -> np.ndarray:
+    """The first channel's ``size``^3 window at ``origin`` of a stored (C, X, Y, Z) array, as (1, s, s, s)."""
+    return np.asarray(arr[(slice(0, 1),) + tuple(slice(o, o + size) for o in origin)])
+
+
+def _write_layouts(image: np.ndarray, configs: Sequence[tuple], tmp: Path,
+                   progress: bool) -> list[tuple[dict[str, Any], Any, dict[str, Timer]]]:
+    """Write ``image`` (C, X, Y, Z) once per layout of ``configs`` under ``tmp`` and check a window
+    round-trips; returns ``(row, opened array, timers "whole" / "large" / "small")`` per layout."""
+    from tqdm import tqdm
+
+    layouts = []
+    for fmt, chunk, block, codec, clevel, shuffle in tqdm(configs, desc="write layouts", file=sys.stderr, disable=not progress):
+        path = tmp / f"{fmt}-{chunk}-{block}-{codec}{clevel}-{int(shuffle)}{'.b2nd' if fmt == 'blosc2' else '.zarr'}"
+        t = time.perf_counter()
+        arr = _write_format(path, image, fmt, chunk, block, codec, clevel, shuffle)
+        write_s = time.perf_counter() - t
+        window = (slice(0, 1), slice(3, 70), slice(5, 69), slice(10, 40))
+        if not np.array_equal(np.asarray(arr[window]), image[window]):
+            raise RuntimeError(f"compare_formats: {path.name} did not round-trip")
+        inner = f"blocks {block}^3" if fmt == "blosc2" else (f"shards {block}^3" if block else "-")
+        row = {
+            "format": fmt,
+            "chunks": f"{chunk}^3",
+            "inner": inner,
+            "codec": f"{codec}-{clevel}{'+shuffle' if shuffle else ''}",
+            "size_mib": round(_disk_bytes(path) / 2**20, 1),
+            "compression": round(image.nbytes / _disk_bytes(path), 2),
+            "write_s": round(write_s, 2),
+        }
+        layouts.append((row, arr, {"whole": Timer(), "large": Timer(), "small": Timer()}))
+    return layouts
+
+
+def _timed_row(row: dict[str, Any], timers: dict[str, Timer]) -> dict[str, Any]:
+    """``row`` with the median read times (ms) of its layout's timers and whole / large."""
+    whole, t_large, t_small = (timers[k].median() for k in ("whole", "large", "small"))
+    row.update(
+        whole_ms=round(whole * 1e3, 1),
+        large_ms=round(t_large * 1e3, 2),
+        small_ms=round(t_small * 1e3, 2),
+        whole_over_large=round(whole / t_large, 2),
+    )
+    return row
 
 
 def format_table(rows: Sequence[dict[str, Any]], large: int = 160, small: int = 64) -> str:

@@ -1,25 +1,12 @@
-"""Argument types shared by command modules and benchmarks."""
+"""Argument types of the command modules (:func:`~volssl.util.parsing.cubic_size`, which the benchmarks
+use too, lives in :mod:`volssl.util.parsing` and is re-exported here)."""
 from __future__ import annotations
 
 import argparse
 import math
 from typing import Callable
 
-
-def cubic_size(text: str, minimum: int = 1, what: str = "size") -> tuple[int, int, int]:
-    """``"64"`` -> (64, 64, 64); ``"64,64,48"`` (or ``64x64x48``) -> (64, 64, 48).
-
-    Raises argparse.ArgumentTypeError naming ``what`` unless there are one or three integers >= ``minimum``.
-    """
-    try:
-        sizes = tuple(int(v) for v in str(text).replace("x", ",").split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{what}: expected N or X,Y,Z integers, got {text!r}") from None
-    if len(sizes) == 1:
-        sizes = sizes * 3
-    if len(sizes) != 3 or min(sizes) < minimum:
-        raise argparse.ArgumentTypeError(f"{what}: expected one or three sizes >= {minimum}, got {text!r}")
-    return sizes  # type: ignore[return-value]
+from volssl.util.parsing import cubic_size  # noqa: F401 - re-exported: the command modules import it here
 
 
 def number(lo: float | None = None, hi: float | None = None, hi_open: bool = False, example: str = "0.5",

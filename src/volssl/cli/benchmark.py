@@ -76,7 +76,7 @@ def _n_trains(text: str) -> list:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from volssl.benchmark import ARMS, SCALES, run_benchmark
+    from volssl.benchmark import ARMS, SCALES, BenchmarkSpec, run_benchmark
     from volssl.util.errors import check_input_path
     from volssl.util.paths import check_output_dir
 
@@ -106,9 +106,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.unlabeled is not None:
         check_input_path(args.unlabeled, "--unlabeled", kind="dir")
     check_output_dir(args.out, "--out folder")  # before anything is generated or trained
-    run_benchmark(args.out, _split(args.methods), datasets,
-                  n_trains=n_trains, seeds=seeds, scale=args.scale, draws=draws,
-                  generalisation=_split(args.generalisation), unlabeled=args.unlabeled, workers=args.workers,
-                  device=args.device, seed=args.seed, pretrain_steps=args.pretrain_steps,
-                  finetune_steps=args.finetune_steps, n_labeled=args.n_labeled)
+    spec = BenchmarkSpec(_split(args.methods), datasets, n_trains=n_trains, seeds=seeds, scale=args.scale,
+                         generalisation=_split(args.generalisation), unlabeled=args.unlabeled, seed=args.seed,
+                         pretrain_steps=args.pretrain_steps, finetune_steps=args.finetune_steps,
+                         n_labeled=args.n_labeled, draws=draws)
+    run_benchmark(args.out, spec, workers=args.workers, device=args.device)
     return 0

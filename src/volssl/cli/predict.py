@@ -74,14 +74,13 @@ def run(args: argparse.Namespace) -> int:
     check_input_path(args.input, "--input")
     check_output_dir(args.output, "--output folder")
 
-    from volssl.inference.predict import predict_folder
+    from volssl.inference.predict import PredictOptions, predict_folder
 
-    summary = predict_folder(
-        args.model, args.input, args.output, save_probabilities=args.probabilities, overlap=args.overlap,
-        mirror_axes=mirror_axes, device=args.device,
-        progress=not args.no_progress, sw_batch_size=args.batch, autocast=args.bf16, spacing=spacing,
-        thresholds=args.thresholds,
-    )
+    options = PredictOptions(overlap=args.overlap, mirror_axes=mirror_axes, sw_batch_size=args.batch,
+                             autocast=args.bf16, device=args.device, save_probabilities=args.probabilities,
+                             thresholds=args.thresholds)
+    summary = predict_folder(args.model, args.input, args.output, options, spacing=spacing,
+                             progress=not args.no_progress)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from volssl.search import describe_spaces, run_search
+    from volssl.search import TrialSetup, describe_spaces, run_search
 
     if args.list:
         for s in describe_spaces():
@@ -42,9 +42,9 @@ def _run(args: argparse.Namespace) -> int:
     if not args.space or not args.dataset:
         raise ValueError("give --space NAME and --dataset DIR (see volssl search --list)")
     _check(args)
-    best = run_search(args.space, args.trials, args.checkpoint, args.dataset, args.out, storage=args.storage,
-                      study_name=args.study_name, seed=args.seed, steps_per_hour=args.steps_per_hour,
-                      n_train=args.n_train, overrides=args.overrides, device=args.device)
+    setup = TrialSetup(args.checkpoint, args.dataset, steps_per_hour=args.steps_per_hour, seed=args.seed,
+                       n_train=args.n_train, overrides=args.overrides, device=args.device)
+    best = run_search(args.space, args.trials, setup, args.out, storage=args.storage, study_name=args.study_name)
     if args.json:
         print(json.dumps(best))
     else:

@@ -196,6 +196,66 @@ def normalisation(fingerprint: Mapping[str, Any]) -> tuple[str, list[dict[str, f
     return "zscore", None
 
 
+def _patch_cap(max_patch: int | Sequence[int] | None) -> np.ndarray | None:
+    """``max_patch`` as a (3,) int64 array (voxels per axis), None for no limit; ValueError when too small."""
+    if max_patch is None:
+        return None
+    cap = np.broadcast_to(np.asarray(max_patch, dtype=np.int64), (3,)).copy()
+    if np.any(cap < 2 * MIN_FEATURE_MAP):
+        raise ValueError(f"max_patch must be >= {2 * MIN_FEATURE_MAP} voxels per axis, got {max_patch}")
+    return cap
+
+
+def _initial_patch(spacing: np.ndarray, median_shape: np.ndarray, cap: np.ndarray | None) -> np.ndarray:
+    """The starting patch (3,) int64 voxels: aspect ratio ``1 / spacing`` (mm), volume 256^3, clipped to
+    the median shape and ``cap``, at least ``2 * MIN_FEATURE_MAP`` per axis."""
+    tmp = 1.0 / spacing
+    patch = np.rint(tmp * (INITIAL_PATCH_VOXELS / np.prod(tmp)) ** (1.0 / 3.0)).astype(np.int64)
+    initial = np.minimum(patch, median_shape).astype(np.int64)
+    if cap is not None:
+        initial = np.minimum(initial, cap)
+    return np.maximum(initial, 2 * MIN_FEATURE_MAP)
+
+
+def _topology(patch: np.ndarray, arch: ArchWidths, cap: np.ndarray | None) -> tuple[np.ndarray, int]:
+    """(patch padded up to a multiple of ``2^n`` and kept within ``cap``, poolings ``n``) for a (3,) patch."""
+    n = poolings_for(patch, arch.max_poolings)
+    div = 2**n
+    patch = -(-patch // div) * div  # pad up to a multiple of 2^n (nnU-Net)
+    if cap is not None:
+        patch = np.where(patch > cap, (cap // div) * div, patch)
+    return patch, n
+
+
+def _estimate(patch: np.ndarray, n: int, arch: ArchWidths, n_classes: int) -> int:
+    """Feature-map elements of the first ``n + 1`` stages of ``arch`` for one sample of ``patch``."""
+    return feature_map_elements(patch, arch.features[: n + 1], arch.blocks[: n + 1], arch.strides[: n + 1],
+                                n_classes)
+
+
+def _fit_patch(initial: np.ndarray, median_shape: np.ndarray, arch: ArchWidths, cap: np.ndarray | None,
+               n_classes: int, budget: float) -> tuple[np.ndarray, int, int, int]:
+    """Shrink ``initial`` (3,) until its estimate fits ``budget`` elements (module docstring).
+
+    Returns:
+        (patch (3,) int64 voxels, poolings, estimated elements, shrink steps taken).
+    """
+    patch, n = _topology(initial.copy(), arch, cap)
+    est = _estimate(patch, n, arch, n_classes)
+    shrinks = 0
+    while est > budget:
+        div = 2**n
+        order = np.argsort(patch / median_shape)[::-1]  # the axis largest relative to the median shape first
+        axis = next((int(a) for a in order if patch[a] - div >= 2 * MIN_FEATURE_MAP), None)
+        if axis is None:
+            break
+        patch[axis] -= div
+        patch, n = _topology(patch, arch, cap)
+        est = _estimate(patch, n, arch, n_classes)
+        shrinks += 1
+    return patch, n, est, shrinks
+
+
 # ---------------------------------------------------------------------------------------------- the plan
 def dynamic_plan(
     fingerprint: Mapping[str, Any],
@@ -218,11 +278,7 @@ def dynamic_plan(
     """
     if not memory_budget_gb > 0:
         raise ValueError(f"memory_budget_gb must be > 0, got {memory_budget_gb}")
-    cap = None
-    if max_patch is not None:
-        cap = np.broadcast_to(np.asarray(max_patch, dtype=np.int64), (3,)).copy()
-        if np.any(cap < 2 * MIN_FEATURE_MAP):
-            raise ValueError(f"max_patch must be >= {2 * MIN_FEATURE_MAP} voxels per axis, got {max_patch}")
+    cap = _patch_cap(max_patch)
     spacings = np.asarray(fingerprint["spacings"], dtype=np.float64)
     shapes = np.asarray(fingerprint["shapes_after_crop"], dtype=np.float64)
     spacing, aniso_axis = target_spacing(spacings, shapes)
@@ -232,39 +288,9 @@ def dynamic_plan(
     n_classes = max(2, len(labels))
     in_channels = len(fingerprint["channel_names"])
 
-    tmp = 1.0 / spacing
-    patch = np.rint(tmp * (INITIAL_PATCH_VOXELS / np.prod(tmp)) ** (1.0 / 3.0)).astype(np.int64)
-    initial = np.minimum(patch, median_shape).astype(np.int64)
-    if cap is not None:
-        initial = np.minimum(initial, cap)
-    initial = np.maximum(initial, 2 * MIN_FEATURE_MAP)
-
-    def topology(p: np.ndarray) -> tuple[np.ndarray, int]:
-        n = poolings_for(p, arch.max_poolings)
-        div = 2**n
-        p = -(-p // div) * div  # pad up to a multiple of 2^n (nnU-Net)
-        if cap is not None:
-            p = np.where(p > cap, (cap // div) * div, p)
-        return p, n
-
-    def estimate(p: np.ndarray, n: int) -> int:
-        return feature_map_elements(p, arch.features[: n + 1], arch.blocks[: n + 1], arch.strides[: n + 1],
-                                    n_classes)
-
+    initial = _initial_patch(spacing, median_shape, cap)
     budget = REFERENCE_ELEMENTS_PER_GB * float(memory_budget_gb)
-    patch, n = topology(initial.copy())
-    est = estimate(patch, n)
-    shrinks = 0
-    while est > budget:
-        div = 2**n
-        order = np.argsort(patch / median_shape)[::-1]  # the axis largest relative to the median shape first
-        axis = next((int(a) for a in order if patch[a] - div >= 2 * MIN_FEATURE_MAP), None)
-        if axis is None:
-            break
-        patch[axis] -= div
-        patch, n = topology(patch)
-        est = estimate(patch, n)
-        shrinks += 1
+    patch, n, est, shrinks = _fit_patch(initial, median_shape, arch, cap, n_classes, budget)
     fits = bool(est <= budget)
 
     normalization, ct = normalisation(fingerprint)

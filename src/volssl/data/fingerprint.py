@@ -251,8 +251,6 @@ def dataset_fingerprint(
     Returns:
         the JSON-serialisable fingerprint dict.
     """
-    from tqdm import tqdm
-
     if int(samples) < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     if int(workers) < 1:
@@ -260,21 +258,52 @@ def dataset_fingerprint(
     cases, meta, where = _cases_of(source, splits)
     checksum = fingerprint([p for c in cases for p in (*c.images, c.label)])
     settings = _settings(samples, seed, splits)
-    cache_path = None
-    if cache is not None:
-        cache_path = Path(cache)
-        if cache_path.suffix != ".json":
-            cache_path = cache_path / FINGERPRINT_FILE
-        if cache_path.is_file() and not recompute:
-            try:
-                old = load_fingerprint(cache_path)
-            except (OSError, ValueError, json.JSONDecodeError):
-                old = None
-            if old and old.get("version") == FINGERPRINT_VERSION and old.get("source_checksum") == checksum \
-                    and old.get("settings") == settings:
-                return old
+    cache_path = _cache_path(cache)
+    if cache_path is not None and not recompute:
+        old = _cached(cache_path, checksum, settings)
+        if old is not None:
+            return old
     per_case = max(1, int(samples) // len(cases))
-    work = partial(case_fingerprint, n_samples=per_case, seed=int(seed))
+    results = _fingerprint_cases(cases, per_case, int(seed), int(workers), progress)
+    fp = _summarise(results, cases, meta, where, checksum, settings)
+    if cache_path is not None:
+        write_json_atomic(cache_path, fp)
+    return fp
+
+
+def _cache_path(cache: str | os.PathLike | None) -> Path | None:
+    """The ``fingerprint.json`` path of ``cache`` (a folder or a ``.json`` path); None without a cache."""
+    if cache is None:
+        return None
+    cache_path = Path(cache)
+    if cache_path.suffix != ".json":
+        cache_path = cache_path / FINGERPRINT_FILE
+    return cache_path
+
+
+def _cached(cache_path: Path, checksum: str, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The cached fingerprint at ``cache_path`` when its version, checksum and settings match; else None."""
+    if not cache_path.is_file():
+        return None
+    try:
+        old = load_fingerprint(cache_path)
+    except (OSError, ValueError, json.JSONDecodeError):
+        return None
+    if old and old.get("version") == FINGERPRINT_VERSION and old.get("source_checksum") == checksum \
+            and old.get("settings") == settings:
+        return old
+    return None
+
+
+def _fingerprint_cases(cases: Sequence[SourceCase], per_case: int, seed: int, workers: int,
+                       progress: bool) -> list[dict[str, Any]]:
+    """:func:`case_fingerprint` of every case (``per_case`` samples per channel), in order.
+
+    ``workers`` > 1 reads cases in a forkserver process pool; ``progress`` shows a tqdm bar on stderr.
+    """
+    from tqdm import tqdm
+
+    work = partial(case_fingerprint, n_samples=per_case, seed=seed)
     bar = tqdm(total=len(cases), desc="fingerprint", unit="case", disable=not progress, file=sys.stderr,
                dynamic_ncols=True)
     results = []
@@ -282,7 +311,7 @@ def dataset_fingerprint(
         import multiprocessing
 
         ctx = multiprocessing.get_context("forkserver")
-        with ProcessPoolExecutor(int(workers), mp_context=ctx) as ex:
+        with ProcessPoolExecutor(workers, mp_context=ctx) as ex:
             for r in ex.map(work, cases):
                 results.append(r)
                 bar.update(1)
@@ -291,7 +320,12 @@ def dataset_fingerprint(
             results.append(work(case))
             bar.update(1)
     bar.close()
+    return results
 
+
+def _summarise(results: list[dict[str, Any]], cases: Sequence[SourceCase], meta: dict[str, Any] | None,
+               where: str | None, checksum: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """The fingerprint dict from the per-case results (ValueError when no case was readable)."""
     channel_names = list(cases[0].channels)
     kept = [r for r in results if "excluded" not in r]
     if not kept:
@@ -303,7 +337,7 @@ def dataset_fingerprint(
     for c, name in enumerate(channel_names):
         values = np.concatenate([r["samples"][c] for r in kept])
         intensity.append({"channel": name, **intensity_properties(values)})
-    fp = {
+    return {
         "format": "volssl-fingerprint",
         "version": FINGERPRINT_VERSION,
         "source": where,
@@ -323,6 +357,3 @@ def dataset_fingerprint(
         "median_relative_size_after_cropping": float(np.median([r["relative_size_after_crop"] for r in kept])),
         "foreground_intensity_properties_per_channel": intensity,
     }
-    if cache_path is not None:
-        write_json_atomic(cache_path, fp)
-    return fp

@@ -241,6 +241,8 @@ class PatchSampler(PatchStream):
         crop_zscore: bool = False,
         foreground_batch: int | None = None,
     ) -> None:
+        """See the class docstring. Exempt from the size rule: every option is a keyword with a default, one
+        per sampling feature (pre-training, fine-tuning, MAE-XNT crops); grouping them would only rename them."""
         if not isinstance(dataset, PreprocessedDataset):
             dataset = PreprocessedDataset(dataset)
         self.dataset = dataset

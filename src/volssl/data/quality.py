@@ -25,6 +25,9 @@ geometry read with 1 mm voxels), ``no_label`` (a training case without a label m
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from functools import partial
+from typing import Callable
+
 import numpy as np
 
 from volssl.data.readers import SourceCase, VolumeError, check_source_path, read_volume, source_bytes
@@ -219,32 +222,66 @@ def check_case(
     """
     out = CheckedCase()
     out.warnings.extend(Problem(rule, path, reason) for rule, path, reason in case.warnings)
-    first = case.images[0] if case.images else case.id
-    if case.error:
-        out.problems.append(Problem(case.error_rule, first, case.error))
+    if not _files_ok(case, rules, out):
         return out
+    read = partial(_read_noted, out=out, spacing=case.spacing, max_voxels=max_voxels,
+                   allow_missing_chunks=allow_missing_chunks)
+    channels, affine = _read_channels(case, rules, read, out)
+    if out.problems:
+        return out
+    image = np.stack(channels) if len(channels) > 1 else channels[0][None]
+    del channels
+
+    label = None
+    if case.label is not None:
+        label = _read_label(case, image.shape[1:], affine, rules, read, out)
+        if out.problems:
+            return out
+
+    out.image, out.affine, out.label = image, affine, label
+    return out
+
+
+def _files_ok(case: SourceCase, rules: QualityRules, out: CheckedCase) -> bool:
+    """The stages before reading: discovery error, regular files, image file sizes.
+
+    Appends the problems of the first failing stage to ``out``; True when all pass.
+    """
+    if case.error:
+        out.problems.append(Problem(case.error_rule, case.images[0] if case.images else case.id, case.error))
+        return False
     for path in [*case.images, *([case.label] if case.label is not None else [])]:
         try:
             check_source_path(path)
         except VolumeError as e:
             out.problems.append(Problem(e.rule, e.path, e.reason))
     if out.problems:
-        return out
+        return False
     for path in case.images:
         reason = check_file_size(path, rules.min_file_bytes)
         if reason:
             out.problems.append(Problem("file_size", path, reason))
-    if out.problems:
-        return out
+    return not out.problems
 
-    def read(path: str) -> tuple[np.ndarray, np.ndarray]:
-        notes: list[tuple[str, str]] = []
-        try:
-            return read_volume(path, spacing=case.spacing, max_voxels=max_voxels,
-                               allow_missing_chunks=allow_missing_chunks, warnings=notes)
-        finally:
-            out.warnings.extend(Problem(rule, str(path), reason) for rule, reason in notes)
 
+def _read_noted(path: str, out: CheckedCase, spacing, max_voxels: int | None,
+                allow_missing_chunks: bool) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`read_volume` of ``path`` ((X, Y, Z) array, (4, 4) affine); its warnings go to ``out.warnings``."""
+    notes: list[tuple[str, str]] = []
+    try:
+        return read_volume(path, spacing=spacing, max_voxels=max_voxels,
+                           allow_missing_chunks=allow_missing_chunks, warnings=notes)
+    finally:
+        out.warnings.extend(Problem(rule, str(path), reason) for rule, reason in notes)
+
+
+def _read_channels(case: SourceCase, rules: QualityRules, read: Callable[[str], tuple[np.ndarray, np.ndarray]],
+                   out: CheckedCase) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """Read every channel and apply the image rules (problems go to ``out``).
+
+    Returns:
+        (the usable channels, float32 (X, Y, Z) each, the (4, 4) affine of the first channel or None).
+    """
     channels: list[np.ndarray] = []  # float32, (X, Y, Z) each
     affine = None
     for c, path in enumerate(case.images):
@@ -285,30 +322,30 @@ def check_case(
         if reason:
             out.problems.append(Problem("constant", path, reason))
         channels.append(cast)
-    if out.problems:
-        return out
-    image = np.stack(channels) if len(channels) > 1 else channels[0][None]
-    del channels
+    return channels, affine
 
+
+def _read_label(case: SourceCase, shape: tuple[int, ...], affine: np.ndarray | None, rules: QualityRules,
+                read: Callable[[str], tuple[np.ndarray, np.ndarray]], out: CheckedCase) -> np.ndarray | None:
+    """Read ``case.label`` and apply the label rules against the image grid (``shape`` (X, Y, Z), ``affine``).
+
+    Returns:
+        the int64 (X, Y, Z) label map once its values are integers (problems go to ``out``), else None.
+    """
+    try:
+        raw, lab_aff = read(case.label)
+    except VolumeError as e:
+        out.problems.append(Problem(e.rule, e.path, e.reason))
+        return None
     label = None
-    if case.label is not None:
-        try:
-            raw, lab_aff = read(case.label)
-        except VolumeError as e:
-            out.problems.append(Problem(e.rule, e.path, e.reason))
-            return out
-        checks = [("label_shape", check_shape_match(raw.shape, image.shape[1:], "label"))]
-        if checks[0][1] is None:
-            checks.append(("label_affine", check_affine_match(lab_aff, affine, rules.affine_atol_mm, "label")))
-        checks.append(("label_nonint", check_integer_labels(raw)))
-        if checks[-1][1] is None:
-            label = np.asarray(raw).astype(np.int64, copy=False)
-            checks.append(("label_values", check_label_values(np.unique(label), case.label_values)))
-        for rule, reason in checks:
-            if reason:
-                out.problems.append(Problem(rule, case.label, reason))
-        if out.problems:
-            return out
-
-    out.image, out.affine, out.label = image, affine, label
-    return out
+    checks = [("label_shape", check_shape_match(raw.shape, shape, "label"))]
+    if checks[0][1] is None:
+        checks.append(("label_affine", check_affine_match(lab_aff, affine, rules.affine_atol_mm, "label")))
+    checks.append(("label_nonint", check_integer_labels(raw)))
+    if checks[-1][1] is None:
+        label = np.asarray(raw).astype(np.int64, copy=False)
+        checks.append(("label_values", check_label_values(np.unique(label), case.label_values)))
+    for rule, reason in checks:
+        if reason:
+            out.problems.append(Problem(rule, case.label, reason))
+    return label

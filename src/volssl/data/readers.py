@@ -326,115 +326,176 @@ def _nnunet_cases(root: Path, prefix: str, warnings: list[dict] | None = None) -
     with a label) with a warning. A label file without images, and a file that does not follow the
     naming, is ignored with a warning.
     """
-    meta_path = root / "dataset.json"
     meta = read_dataset_json(root)
-    names = meta.get("channel_names") or meta.get("modality")
-    channel_keys = sorted(names, key=int)
-    channel_names = tuple(str(names[k]) for k in channel_keys)
-    declared = [int(k) for k in channel_keys]
-    ending = meta.get("file_ending", ".nii.gz")
-    instance = bool(meta.get("instance_labels", False))
-    label_values = declared_labels(meta["labels"]) if isinstance(meta.get("labels"), dict) and not instance else None
-    cases: list[SourceCase] = []
-
-    def make(case: str, images: list[str], label: str | None, split: str | None, error: str | None = None,
-             error_rule: str = "missing", notes: tuple = ()):
-        cases.append(SourceCase(
-            id=sanitize_id(prefix + case), images=tuple(images), channels=channel_names, label=label,
-            subject=subject_of(case), split=split, label_values=label_values, instance_labels=instance,
-            error=error, error_rule=error_rule, warnings=notes,
-        ))
-
-    def listed(p: str) -> str:
-        return str(_abspath(root / p))
-
+    layout = _NnunetLayout.of(root, prefix, meta)
     if isinstance(meta.get("dataset"), dict):  # explicit file lists
-        for case in sorted(meta["dataset"]):
-            entry = meta["dataset"][case]
-            images = [listed(p) for p in entry.get("images", [])]
-            label = listed(entry["label"]) if entry.get("label") else None
-            missing = [p for p in images + ([label] if label else []) if not os.path.lexists(p)]
-            error, rule = None, "missing"
-            if len(images) != len(channel_names):
-                error, rule = (f"{len(images)} image files listed, dataset.json declares {len(channel_names)} "
-                               f"channels"), "channel_count"
-            elif missing:
-                error = f"listed file(s) missing: {', '.join(missing)}"
-            make(case, images, label, "train" if label else None, error, rule)
-        return cases
-
+        return _listed_cases(layout, meta["dataset"])
     training = meta.get("training")
     if isinstance(training, list) and training and isinstance(training[0], dict) and \
             (root / str(training[0].get("image", ""))).is_file():  # Medical Segmentation Decathlon lists
-        entries = [(e["image"], e.get("label"), "train") for e in training]
-        entries += [(e if isinstance(e, str) else e["image"], None, "test") for e in meta.get("test") or []]
-        for image, label, split in entries:
-            image_path = Path(listed(image))
-            label_path = Path(listed(label)) if label else None
-            missing = [str(p) for p in (image_path, label_path) if p is not None and not os.path.lexists(p)]
-            make(_strip_suffix(image_path.name), [str(image_path)], str(label_path) if label_path else None, split,
-                 f"listed file(s) missing: {', '.join(missing)}" if missing else None)
-        return cases
-
+        return _decathlon_cases(layout, training, meta.get("test") or [])
+    cases: list[SourceCase] = []
     n_train = 0
     for split, images_dir, labels_dir in (("train", "imagesTr", "labelsTr"), ("test", "imagesTs", "labelsTs")):
-        folder = root / images_dir
-        if not folder.is_dir():
+        if not (root / images_dir).is_dir():
             continue
-        groups: dict[str, dict[int, str]] = {}
-        for f in sorted(folder.iterdir()):
-            if f.name.startswith("."):
-                continue
-            m = _NNUNET_CHANNEL.match(f.name[: -len(ending)]) if f.name.endswith(ending) else None
-            if m:
-                groups.setdefault(m.group("case"), {})[int(m.group("channel"))] = str(_abspath(f))
-            elif f.name.endswith(ending):
-                _warning(warnings, f, "ignored_file", f"not named <case>_XXXX{ending} (XXXX = channel number); ignored")
-            elif volume_suffix(f) is not None:
-                _warning(warnings, f, "ignored_file", f"file ending differs from dataset.json file_ending "
-                                                      f"{ending!r}; ignored")
-        labels_folder = root / labels_dir
-        label_cases: set[str] = set()
-        if labels_folder.is_dir():
-            for f in sorted(labels_folder.iterdir()):
-                if f.name.startswith("."):
-                    continue
-                if f.name.endswith(ending):
-                    label_cases.add(f.name[: -len(ending)])
-                elif volume_suffix(f) is not None:
-                    _warning(warnings, f, "ignored_file", f"file ending differs from dataset.json file_ending "
-                                                          f"{ending!r}; ignored")
-            for case in sorted(label_cases - set(groups)):
-                _warning(warnings, labels_folder / f"{case}{ending}", "orphan_label",
-                         f"label map without images (no {images_dir}/{case}_XXXX{ending}); ignored")
-        elif split == "train" and groups:
-            _warning(warnings, labels_folder, "no_labels",
-                     f"{labels_dir}/ is missing: the {len(groups)} training case(s) are used without labels "
-                     "(pre-training only; fine-tuning needs labels)")
+        split_cases, n_groups = _split_cases(layout, split, images_dir, labels_dir, warnings)
+        cases.extend(split_cases)
         if split == "train":
-            n_train = len(groups)
-        for case in sorted(groups):
-            files = groups[case]
-            missing = [k for k in declared if k not in files]
-            extra = sorted(k for k in files if k not in declared)
-            images = [files[k] for k in declared if k in files]
-            label_file = labels_folder / f"{case}{ending}"
-            label = str(_abspath(label_file)) if case in label_cases and os.path.lexists(label_file) else None
-            error, rule, notes = None, "missing", ()
-            if extra:
-                error, rule = (f"file(s) {', '.join(f'{case}_{k:04d}{ending}' for k in extra)} of channel(s) "
-                               f"{', '.join(str(k) for k in extra)} not declared in dataset.json channel_names "
-                               f"(declares {len(declared)}: {', '.join(str(k) for k in declared)})"), "channel_count"
-            elif missing:
-                error = "missing channel file(s) " + ", ".join(f"{case}_{k:04d}{ending}" for k in missing)
-            if split == "train" and label is None and labels_folder.is_dir():
-                notes = (("no_label", str(label_file), f"training case without {labels_dir}/{case}{ending}: used "
-                          "without a label (pre-training only; fine-tuning skips it)"),)
-            make(case, images, label, split, error, rule, notes)
+            n_train = n_groups
     if "numTraining" in meta and (root / "imagesTr").is_dir() and meta["numTraining"] != n_train:
-        _warning(warnings, meta_path, "num_training",
+        _warning(warnings, root / "dataset.json", "num_training",
                  f"numTraining is {meta['numTraining']}, imagesTr holds {n_train} case(s)")
     return cases
+
+
+@dataclass(frozen=True)
+class _NnunetLayout:
+    """What every case of one nnU-Net raw dataset shares, read from its dataset.json.
+
+    ``declared`` are the channel numbers (sorted), ``channel_names`` their names, ``ending`` the
+    file ending, ``label_values`` the declared label values (None: not checked, e.g. instance labels).
+    """
+
+    root: Path
+    prefix: str
+    channel_names: tuple[str, ...]
+    declared: tuple[int, ...]
+    ending: str
+    instance: bool
+    label_values: tuple[int, ...] | None
+
+    @classmethod
+    def of(cls, root: Path, prefix: str, meta: dict[str, Any]) -> "_NnunetLayout":
+        """The layout of the dataset ``root`` with the validated dataset.json ``meta``."""
+        names = meta.get("channel_names") or meta.get("modality")
+        channel_keys = sorted(names, key=int)
+        instance = bool(meta.get("instance_labels", False))
+        return cls(
+            root=root, prefix=prefix, channel_names=tuple(str(names[k]) for k in channel_keys),
+            declared=tuple(int(k) for k in channel_keys), ending=meta.get("file_ending", ".nii.gz"),
+            instance=instance,
+            label_values=declared_labels(meta["labels"]) if isinstance(meta.get("labels"), dict) and not instance
+            else None,
+        )
+
+    def case(self, case: str, images: list[str], label: str | None, split: str | None, error: str | None = None,
+             error_rule: str = "missing", notes: tuple = ()) -> SourceCase:
+        """The :class:`SourceCase` named ``case`` (prefixed and sanitised) with these files."""
+        return SourceCase(
+            id=sanitize_id(self.prefix + case), images=tuple(images), channels=self.channel_names, label=label,
+            subject=subject_of(case), split=split, label_values=self.label_values, instance_labels=self.instance,
+            error=error, error_rule=error_rule, warnings=notes,
+        )
+
+    def listed(self, p: str) -> str:
+        """A path listed in dataset.json (relative to the dataset folder), made absolute."""
+        return str(_abspath(self.root / p))
+
+
+def _listed_cases(layout: _NnunetLayout, dataset: dict[str, Any]) -> list[SourceCase]:
+    """The cases of dataset.json's explicit ``"dataset"`` file lists (case -> images, label)."""
+    cases = []
+    for case in sorted(dataset):
+        entry = dataset[case]
+        images = [layout.listed(p) for p in entry.get("images", [])]
+        label = layout.listed(entry["label"]) if entry.get("label") else None
+        missing = [p for p in images + ([label] if label else []) if not os.path.lexists(p)]
+        error, rule = None, "missing"
+        if len(images) != len(layout.channel_names):
+            error, rule = (f"{len(images)} image files listed, dataset.json declares {len(layout.channel_names)} "
+                           f"channels"), "channel_count"
+        elif missing:
+            error = f"listed file(s) missing: {', '.join(missing)}"
+        cases.append(layout.case(case, images, label, "train" if label else None, error, rule))
+    return cases
+
+
+def _decathlon_cases(layout: _NnunetLayout, training: list[dict], test: list) -> list[SourceCase]:
+    """The cases of Medical Segmentation Decathlon ``training`` / ``test`` lists (one file per case)."""
+    entries = [(e["image"], e.get("label"), "train") for e in training]
+    entries += [(e if isinstance(e, str) else e["image"], None, "test") for e in test]
+    cases = []
+    for image, label, split in entries:
+        image_path = Path(layout.listed(image))
+        label_path = Path(layout.listed(label)) if label else None
+        missing = [str(p) for p in (image_path, label_path) if p is not None and not os.path.lexists(p)]
+        cases.append(layout.case(_strip_suffix(image_path.name), [str(image_path)],
+                                 str(label_path) if label_path else None, split,
+                                 f"listed file(s) missing: {', '.join(missing)}" if missing else None))
+    return cases
+
+
+def _image_groups(folder: Path, ending: str, warnings: list[dict] | None) -> dict[str, dict[int, str]]:
+    """case -> {channel number: absolute path} of the ``<case>_XXXX<ending>`` files in ``folder``;
+    other files with a volume suffix are ignored with a warning."""
+    groups: dict[str, dict[int, str]] = {}
+    for f in sorted(folder.iterdir()):
+        if f.name.startswith("."):
+            continue
+        m = _NNUNET_CHANNEL.match(f.name[: -len(ending)]) if f.name.endswith(ending) else None
+        if m:
+            groups.setdefault(m.group("case"), {})[int(m.group("channel"))] = str(_abspath(f))
+        elif f.name.endswith(ending):
+            _warning(warnings, f, "ignored_file", f"not named <case>_XXXX{ending} (XXXX = channel number); ignored")
+        elif volume_suffix(f) is not None:
+            _warning(warnings, f, "ignored_file", f"file ending differs from dataset.json file_ending "
+                                                  f"{ending!r}; ignored")
+    return groups
+
+
+def _label_cases(labels_folder: Path, ending: str, warnings: list[dict] | None) -> set[str]:
+    """Case names of the ``<case><ending>`` files in ``labels_folder``; other volume files are ignored
+    with a warning."""
+    label_cases: set[str] = set()
+    for f in sorted(labels_folder.iterdir()):
+        if f.name.startswith("."):
+            continue
+        if f.name.endswith(ending):
+            label_cases.add(f.name[: -len(ending)])
+        elif volume_suffix(f) is not None:
+            _warning(warnings, f, "ignored_file", f"file ending differs from dataset.json file_ending "
+                                                  f"{ending!r}; ignored")
+    return label_cases
+
+
+def _split_cases(layout: _NnunetLayout, split: str, images_dir: str, labels_dir: str,
+                 warnings: list[dict] | None) -> tuple[list[SourceCase], int]:
+    """(the cases of ``images_dir`` with their ``labels_dir`` label maps, number of image groups)."""
+    ending = layout.ending
+    groups = _image_groups(layout.root / images_dir, ending, warnings)
+    labels_folder = layout.root / labels_dir
+    label_cases: set[str] = set()
+    if labels_folder.is_dir():
+        label_cases = _label_cases(labels_folder, ending, warnings)
+        for case in sorted(label_cases - set(groups)):
+            _warning(warnings, labels_folder / f"{case}{ending}", "orphan_label",
+                     f"label map without images (no {images_dir}/{case}_XXXX{ending}); ignored")
+    elif split == "train" and groups:
+        _warning(warnings, labels_folder, "no_labels",
+                 f"{labels_dir}/ is missing: the {len(groups)} training case(s) are used without labels "
+                 "(pre-training only; fine-tuning needs labels)")
+    cases = []
+    for case in sorted(groups):
+        files = groups[case]
+        missing = [k for k in layout.declared if k not in files]
+        extra = sorted(k for k in files if k not in layout.declared)
+        images = [files[k] for k in layout.declared if k in files]
+        label_file = labels_folder / f"{case}{ending}"
+        label = str(_abspath(label_file)) if case in label_cases and os.path.lexists(label_file) else None
+        error, rule, notes = None, "missing", ()
+        if extra:
+            error, rule = (f"file(s) {', '.join(f'{case}_{k:04d}{ending}' for k in extra)} of channel(s) "
+                           f"{', '.join(str(k) for k in extra)} not declared in dataset.json channel_names "
+                           f"(declares {len(layout.declared)}: {', '.join(str(k) for k in layout.declared)})"
+                           ), "channel_count"
+        elif missing:
+            error = "missing channel file(s) " + ", ".join(f"{case}_{k:04d}{ending}" for k in missing)
+        if split == "train" and label is None and labels_folder.is_dir():
+            notes = (("no_label", str(label_file), f"training case without {labels_dir}/{case}{ending}: used "
+                      "without a label (pre-training only; fine-tuning skips it)"),)
+        cases.append(layout.case(case, images, label, split, error, rule, notes))
+    return cases, len(groups)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -547,36 +608,63 @@ MEMORY_SAFETY_FACTOR = 8
 _GZIP_CHUNK = 1 << 24  # bytes decompressed per read
 
 
-def available_memory_bytes() -> int | None:
+_CGROUP_MEMORY_FILES = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # (limit, usage): v2, v1
+                        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
+
+
+def available_memory_bytes(*, total: bool = False) -> int | None:
     """Memory this process may still use (bytes): ``MemAvailable`` of /proc/meminfo, lowered to the
-    room left under a cgroup (container) limit; ``sysconf`` elsewhere; None if unknown."""
-    avail = None
+    room left under a cgroup (container) limit; ``sysconf`` elsewhere; None if unknown.
+
+    Args:
+        total: the most this process could ever get instead of what is free now: the machine's
+            physical memory lowered to every positive cgroup limit itself (not to the room left under
+            it). ``volssl evaluate`` bounds a declared volume by it (a header that cannot fit at all).
+    """
+    avail = _physical_memory_bytes() if total else _free_memory_bytes()
+    for limit_file, usage_file in _CGROUP_MEMORY_FILES:
+        try:
+            limit = int(Path(limit_file).read_text().strip())  # "max" (no limit): ValueError
+        except (OSError, ValueError):
+            continue
+        if total:
+            if limit > 0:
+                avail = limit if avail is None else min(avail, limit)
+            continue
+        if limit >= 1 << 60:  # cgroup v1 "no limit"
+            continue
+        try:
+            room = limit - int(Path(usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        avail = room if avail is None else min(avail, room)
+        break
+    if total:
+        return avail
+    return max(int(avail), 0) if avail is not None else None
+
+
+def _free_memory_bytes() -> int | None:
+    """``MemAvailable`` of /proc/meminfo, else free pages (``sysconf``), in bytes; None if unknown."""
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
                 if line.startswith("MemAvailable:"):
-                    avail = int(line.split()[1]) * 1024
-                    break
+                    return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    if avail is None:
-        try:
-            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            avail = None
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        try:
-            limit_text = Path(limit_file).read_text().strip()
-            if limit_text == "max" or int(limit_text) >= 1 << 60:
-                continue
-            room = int(limit_text) - int(Path(usage_file).read_text().strip())
-            avail = room if avail is None else min(avail, room)
-            break
-        except (OSError, ValueError):
-            continue
-    return max(int(avail), 0) if avail is not None else None
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _physical_memory_bytes() -> int | None:
+    """Physical memory of this machine (``sysconf``), in bytes; None if unknown."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def default_max_voxels() -> int:
@@ -713,13 +801,93 @@ def _check_dtype(path: Path, dtype: np.dtype) -> None:
                       "bad_dtype")
 
 
-def _check_size(path: Path, shape: tuple[int, ...], opts: _Reading) -> None:
-    """Raise VolumeError (rule "too_large") when the declared ``shape`` holds more than ``opts.max_voxels``."""
+def check_declared_size(path: str | os.PathLike, shape: tuple[int, ...], max_voxels: int | None, *,
+                        as_memory_error: bool = False) -> None:
+    """The header size guard: refuse a volume whose header declares ``shape`` (voxels per axis) holding
+    more than ``max_voxels`` voxels (None: no limit), before any of its voxel data is read.
+
+    Args:
+        as_memory_error: raise MemoryError with the shape written ``AxBxC`` (``volssl evaluate``, which
+            reports it as one pair that cannot be scored) instead of VolumeError (rule "too_large").
+    """
     n = math.prod(int(s) for s in shape)
-    if opts.max_voxels is not None and n > opts.max_voxels:
-        raise VolumeError(
-            path, f"declared shape {tuple(int(s) for s in shape)} = {n:,} voxels exceeds the limit of "
-                  f"{int(opts.max_voxels):,} voxels (--max-voxels); not read", "too_large")
+    if max_voxels is None or n <= max_voxels:
+        return
+    if as_memory_error:
+        raise MemoryError(f"{path}: its header declares {'x'.join(str(int(v)) for v in shape)} = {n:.3g} voxels, "
+                          f"more than the limit of {max_voxels:.3g} voxels (--max-voxels); not read")
+    raise VolumeError(
+        path, f"declared shape {tuple(int(s) for s in shape)} = {n:,} voxels exceeds the limit of "
+              f"{int(max_voxels):,} voxels (--max-voxels); not read", "too_large")
+
+
+def declared_size(path: str | os.PathLike) -> tuple[tuple[int, ...], int] | None:
+    """``(shape, bytes per voxel once read)`` of a volume file from its header alone (nothing of the
+    voxel data is read), or None when the header cannot tell (the read that follows reports why).
+
+    NIfTI/MGH: nibabel's header (a scaled NIfTI is read as float64, 8 bytes); NRRD/MHA/MHD:
+    SimpleITK's ``ReadImageInformation`` (shape (x, y, z, components)); TIFF: the first series; Zarr:
+    the array (level 0 of an OME-Zarr group); ``.npy``: its header. The shape is the file's own, before
+    :func:`read_volume` drops size-1 axes or reorders (z, y, x) ones.
+    """
+    path = Path(path)
+    suffix = volume_suffix(path)
+    try:
+        if path.name.lower().endswith(".npy"):
+            arr = np.load(path, mmap_mode="r")  # the header only
+            return tuple(int(v) for v in arr.shape), arr.dtype.itemsize
+        if suffix in NIBABEL_SUFFIXES:
+            return _declared_nibabel(path)
+        if suffix in ITK_SUFFIXES:
+            import SimpleITK as sitk
+
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+            itemsize = 8 if reader.GetPixelID() in (sitk.sitkFloat64, sitk.sitkInt64, sitk.sitkUInt64) else 4
+            return tuple(int(v) for v in reader.GetSize()) + (int(reader.GetNumberOfComponents()),), itemsize
+        if suffix in TIFF_SUFFIXES:
+            import tifffile
+
+            with tifffile.TiffFile(str(path)) as tif:
+                series = tif.series[0]
+                return tuple(int(v) for v in series.shape), np.dtype(series.dtype).itemsize
+        if suffix in ZARR_SUFFIXES:
+            return _declared_zarr(path)
+    except Exception:  # noqa: BLE001 - the header cannot tell; read_volume reports the problem
+        return None
+    return None
+
+
+def _declared_nibabel(path: Path) -> tuple[tuple[int, ...], int]:
+    """:func:`declared_size` of a NIfTI/MGH file (8 bytes per voxel when the header scales the values)."""
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    itemsize = np.dtype(img.get_data_dtype()).itemsize
+    slope, inter = img.header.get_slope_inter() if hasattr(img.header, "get_slope_inter") else (None, None)
+    if (slope not in (None, 1.0) and np.isfinite(slope)) or (inter not in (None, 0.0) and np.isfinite(inter)):
+        itemsize = 8
+    return tuple(int(v) for v in img.shape), itemsize
+
+
+def _declared_zarr(path: Path) -> tuple[tuple[int, ...], int] | None:
+    """:func:`declared_size` of a Zarr array or group (its OME-Zarr level 0, or its one / "0" array)."""
+    import zarr
+
+    node = zarr.open(str(path), mode="r")
+    if isinstance(node, zarr.Group):
+        attrs = dict(node.attrs)
+        ms = (attrs.get("ome") or attrs).get("multiscales")
+        keys = sorted(node.array_keys())
+        if ms:
+            key = ms[0]["datasets"][0]["path"]
+        else:
+            key = "0" if "0" in keys else keys[0] if len(keys) == 1 else None
+        if key is None:
+            return None
+        node = node[key]
+    return tuple(int(v) for v in node.shape), np.dtype(node.dtype).itemsize
 
 
 def _check_file_spacing(path: Path, values, where: str) -> None:
@@ -739,7 +907,7 @@ def _read_nibabel(path: Path, opts: _Reading) -> tuple[np.ndarray, np.ndarray]:
     if len(shape) < 3 or any(s != 1 for s in shape[3:]):
         raise _not_3d(path, shape)
     _check_dtype(path, img.get_data_dtype())
-    _check_size(path, shape[:3], opts)
+    check_declared_size(path, shape[:3], opts.max_voxels)
     if isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         _check_nifti_geometry(path, img, opts)
     proxy = img.dataobj
@@ -844,7 +1012,7 @@ def _read_itk(path: Path, opts: _Reading) -> tuple[np.ndarray, np.ndarray]:
                       f" ({ncomp} components per voxel: a vector, colour or complex-valued image)")
     if reader.GetDimension() < 3 or any(s != 1 for s in size[3:]):
         raise _not_3d(path, size)
-    _check_size(path, size[:3], opts)
+    check_declared_size(path, size[:3], opts.max_voxels)
     _check_file_spacing(path, reader.GetSpacing()[:3], "the header")
     img = reader.Execute()
     if img.GetNumberOfComponentsPerPixel() != 1:
@@ -898,7 +1066,7 @@ def _read_tiff(path: Path, opts: _Reading) -> tuple[np.ndarray, tuple[float, flo
         series = tif.series[0]
         if "S" in series.axes and series.shape[series.axes.index("S")] > 1:
             raise _not_3d(path, series.shape, f" (axes {series.axes}: colour samples per pixel)")
-        _check_size(path, _shape_3d(path, tuple(series.shape)), opts)
+        check_declared_size(path, _shape_3d(path, tuple(series.shape)), opts.max_voxels)
         _check_dtype(path, series.dtype)
         array = series.asarray()
         spacing = _tiff_spacing(tif)
@@ -977,7 +1145,7 @@ def _read_zarr(path: Path, opts: _Reading) -> tuple[np.ndarray, tuple[float, flo
                                         "point to one array", "unreadable")
     else:
         array = node
-    _check_size(path, _shape_3d(path, tuple(array.shape)), opts)
+    check_declared_size(path, _shape_3d(path, tuple(array.shape)), opts.max_voxels)
     _check_dtype(path, array.dtype)
     _check_zarr_chunks(path, str(getattr(array, "path", "") or ""), files, array, opts)
     data = np.asarray(array[...])

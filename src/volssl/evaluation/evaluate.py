@@ -34,7 +34,7 @@ counted); ``mean.dice`` / ``mean.nsd`` are the means over classes of those per-c
 Faults are per pair: a pair that cannot be scored -- an unreadable file, a shape or geometry mismatch
 (shapes are compared from the two headers before anything is read, :func:`declared_shape_mismatch`),
 a file whose header declares a volume too large for this machine (checked from the header before
-anything is read: :func:`declared_size`, limit ``max_voxels`` or else the machine's memory), out of
+anything is read: :func:`check_pair_size`, limit ``max_voxels`` or else the machine's memory), out of
 memory while scoring, a worker process that died -- is listed in ``errors`` with its reason, and every
 other pair is still scored.
 
@@ -61,7 +61,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from volssl.data.readers import VolumeError, is_nnunet_dataset, read_volume, volume_suffix
+from volssl.data.readers import (ITK_SUFFIXES, NIBABEL_SUFFIXES, TIFF_SUFFIXES, ZARR_SUFFIXES, VolumeError,
+                                 available_memory_bytes, check_declared_size, declared_size, is_nnunet_dataset,
+                                 read_volume, volume_suffix)
 from volssl.evaluation.metrics import ClassSpec, case_metrics
 from volssl.util.atomic import write_json_atomic
 from volssl.util.errors import check_input_path, check_output_file, describe_failure
@@ -196,99 +198,22 @@ def _dataset_json(ref_dir: str | os.PathLike) -> tuple[Path, dict] | None:
 # ---------------------------------------------------------------------------------------------- sizes
 
 
-def declared_size(path: str | os.PathLike) -> tuple[tuple[int, ...], int] | None:
-    """``(shape, bytes per voxel once read)`` of a volume file from its header alone (nothing of the
-    voxel data is read), or None when the header cannot tell (the read that follows reports why).
-
-    NIfTI/MGH: nibabel's header (a scaled NIfTI is read as float64, 8 bytes); NRRD/MHA/MHD:
-    SimpleITK's ``ReadImageInformation``; TIFF: the first series; Zarr: the array (level 0 of an
-    OME-Zarr group); ``.npy``: its header.
-    """
-    from volssl.data.readers import ITK_SUFFIXES, NIBABEL_SUFFIXES, TIFF_SUFFIXES, ZARR_SUFFIXES
-
-    path = Path(path)
-    suffix = volume_suffix(path)
-    try:
-        if path.name.lower().endswith(".npy"):
-            arr = np.load(path, mmap_mode="r")  # the header only
-            return tuple(int(v) for v in arr.shape), arr.dtype.itemsize
-        if suffix in NIBABEL_SUFFIXES:
-            import nibabel as nib
-
-            img = nib.load(str(path))
-            itemsize = np.dtype(img.get_data_dtype()).itemsize
-            slope, inter = img.header.get_slope_inter() if hasattr(img.header, "get_slope_inter") else (None, None)
-            if (slope not in (None, 1.0) and np.isfinite(slope)) or (inter not in (None, 0.0) and np.isfinite(inter)):
-                itemsize = 8
-            return tuple(int(v) for v in img.shape), itemsize
-        if suffix in ITK_SUFFIXES:
-            import SimpleITK as sitk
-
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(str(path))
-            reader.ReadImageInformation()
-            itemsize = 8 if reader.GetPixelID() in (sitk.sitkFloat64, sitk.sitkInt64, sitk.sitkUInt64) else 4
-            return tuple(int(v) for v in reader.GetSize()) + (int(reader.GetNumberOfComponents()),), itemsize
-        if suffix in TIFF_SUFFIXES:
-            import tifffile
-
-            with tifffile.TiffFile(str(path)) as tif:
-                series = tif.series[0]
-                return tuple(int(v) for v in series.shape), np.dtype(series.dtype).itemsize
-        if suffix in ZARR_SUFFIXES:
-            import zarr
-
-            node = zarr.open(str(path), mode="r")
-            if isinstance(node, zarr.Group):
-                attrs = dict(node.attrs)
-                ms = (attrs.get("ome") or attrs).get("multiscales")
-                keys = sorted(node.array_keys())
-                if ms:
-                    key = ms[0]["datasets"][0]["path"]
-                else:
-                    key = "0" if "0" in keys else keys[0] if len(keys) == 1 else None
-                if key is None:
-                    return None
-                node = node[key]
-            return tuple(int(v) for v in node.shape), np.dtype(node.dtype).itemsize
-    except Exception:  # noqa: BLE001 - the header cannot tell; read_volume reports the problem
-        return None
-    return None
-
-
-def machine_memory_bytes() -> int | None:
-    """Physical memory of this machine (or the container's cgroup limit, if smaller), or None."""
-    total = None
-    try:
-        total = int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):
-        pass
-    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            text = Path(limit_file).read_text().strip()
-        except OSError:
-            continue
-        if text.isdigit() and int(text) > 0:
-            total = int(text) if total is None else min(total, int(text))
-    return total
-
-
 def check_pair_size(pred_path: str | os.PathLike, ref_path: str | os.PathLike, max_voxels: int | None = None) -> None:
     """Raise MemoryError (with a sentence naming the file) when a file's header declares more voxels
-    than ``max_voxels``, or -- without a limit -- a volume whose reading alone would need more than
-    this machine's memory. Nothing of the voxel data is read."""
+    than ``max_voxels`` (:func:`volssl.data.readers.check_declared_size`), or -- without a limit -- a
+    volume whose reading alone would need more than this machine's memory
+    (:func:`volssl.data.readers.available_memory_bytes` with ``total=True``). Nothing of the voxel
+    data is read (:func:`volssl.data.readers.declared_size`)."""
     sizes = {}
     for p in (pred_path, ref_path):
         d = declared_size(p)
         if d is not None:
             sizes[str(p)] = (d[0], int(np.prod(d[0], dtype=np.float64)), d[1])
     if max_voxels is not None:
-        for p, (shape, n, _) in sizes.items():
-            if n > max_voxels:
-                raise MemoryError(f"{p}: its header declares {_shape_text(shape)} = {n:.3g} voxels, more than "
-                                  f"the limit of {max_voxels:.3g} voxels (--max-voxels); not read")
+        for p, (shape, _, _) in sizes.items():
+            check_declared_size(p, shape, max_voxels, as_memory_error=True)
         return
-    memory = machine_memory_bytes()
+    memory = available_memory_bytes(total=True)
     if memory is None:
         return
     # a lower bound of what scoring needs: both arrays as read, plus a boolean mask each
@@ -302,8 +227,6 @@ def check_pair_size(pred_path: str | os.PathLike, ref_path: str | os.PathLike, m
 
 def _reader_family(path: str | os.PathLike) -> str | None:
     """Which reader (and so which axis convention) :func:`declared_size` used for ``path``."""
-    from volssl.data.readers import ITK_SUFFIXES, NIBABEL_SUFFIXES, TIFF_SUFFIXES, ZARR_SUFFIXES
-
     if str(path).lower().endswith(".npy"):
         return "npy"
     suffix = volume_suffix(Path(path))
@@ -515,12 +438,7 @@ def evaluate_folder(
     """
     from tqdm import tqdm
 
-    if not (math.isfinite(nsd_tolerance_mm) and nsd_tolerance_mm >= 0):
-        raise ValueError(f"nsd_tolerance_mm must be a finite number >= 0, got {nsd_tolerance_mm!r}")
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
-    if max_voxels is not None and max_voxels < 1:
-        raise ValueError(f"max_voxels must be >= 1, got {max_voxels}")
+    _check_arguments(nsd_tolerance_mm, workers, max_voxels)
     pred_dir = check_input_path(pred_dir, "prediction folder", kind="dir")
     ref_dir = check_input_path(ref_dir, "reference folder", kind="dir")
     if out_json is not None:
@@ -530,45 +448,10 @@ def evaluate_folder(
     if not refs and not ref_dups:
         hint = " (an nnU-Net dataset root: pass its labelsTr or labelsTs folder)" if is_nnunet_dataset(ref_dir) else ""
         raise ValueError(f"{ref_dir}: no reference volumes found{hint}")
+    labels, names, labels_source = _classes(labels, ref_dir)
+    ignore, notes = _ignore_values(ignore_labels, ref_dir, labels, labels_source == "argument")
 
-    names: dict[str, str] = {}
-    if labels is not None:
-        labels = [tuple(int(v) for v in c) if isinstance(c, (tuple, list)) else int(c) for c in labels]
-        if not labels or any(c == 0 for c in labels):
-            raise ValueError(f"labels must be non-empty foreground classes (not 0), got {labels}")
-        labels_source = "argument"
-    else:
-        declared = dataset_labels(ref_dir)
-        if declared is not None:
-            labels, names, path = declared
-            labels_source = str(path)
-        else:
-            labels_source = "reference files"
-    ignore = sorted({int(v) for v in (ignore_labels or ())})
-    notes: list[str] = []
-    try:
-        dataset_ignore = dataset_ignore_label(ref_dir)
-    except ValueError as e:  # classes given as an argument: a broken dataset.json is not needed for them
-        if labels_source != "argument":
-            raise
-        dataset_ignore = None
-        notes.append(f"dataset.json not used for its ignore label: {e}")
-    if dataset_ignore is not None and dataset_ignore not in ignore:
-        ignore.append(dataset_ignore)
-    if 0 in ignore:
-        raise ValueError("the ignore label cannot be 0 (background)")
-    class_values = {int(v) for c in labels or () for v in (c if isinstance(c, tuple) else (c,))}
-    clash = sorted(set(ignore) & class_values)
-    if clash:
-        raise ValueError(f"label value(s) {clash} are both a class to score and an ignore label")
-
-    errors = [{"case": c, "error": f"several reference files for case {c}: {', '.join(map(str, fs))}"}
-              for c, fs in ref_dups.items()]
-    errors += [{"case": c, "error": f"several prediction files for case {c}: {', '.join(map(str, fs))}"}
-               for c, fs in pred_dups.items() if c in refs]
-    missing = sorted(c for c in refs if c not in preds and c not in pred_dups)
-    unmatched = sorted(c for c in preds if c not in refs and c not in ref_dups)
-    todo = sorted(c for c in refs if c in preds)
+    todo, missing, unmatched, errors = _pairs(refs, ref_dups, preds, pred_dups)
     if not todo:
         raise ValueError(f"{pred_dir}: no prediction matches a reference case of {ref_dir} "
                          f"({len(refs)} references, {len(preds)} predictions; files pair by name)")
@@ -585,49 +468,16 @@ def evaluate_folder(
     scored = [r for r in results if "error" not in r]
     ignored_pred_labels: list[int] = []
     if labels is None:
-        ref_values = sorted({v for r in scored for v in r["ref_labels"]})
-        labels = list(ref_values)
-        pred_only = {int(k) for r in scored for k in r["scores"]} - set(ref_values)
-        ignored_pred_labels = sorted(pred_only)
+        labels, ignored_pred_labels = _found_classes(scored)
     keys = [class_key(c) for c in labels]
-    both_empty = (float(empty_score), float(empty_score))
-
-    cases = []
-    for r in scored:
-        for k in keys:
-            d, s = r["scores"].get(k, both_empty)  # a class in neither file of this case
-            row = {"case": r["case"], "class": k, "name": names.get(k, k), "dice": d, "nsd": s}
-            if r.get("ignored_voxels"):
-                row["ignored_voxels"] = r["ignored_voxels"]
-            cases.append(row)
-    undeclared: dict[int, list[str]] = {}
-    for r in scored:
-        for v in r.get("undeclared_ignored", ()):
-            undeclared.setdefault(int(v), []).append(r["case"])
-    warnings = notes + [
-        f"reference value {v} is not a declared class; its voxels in {len(cs)} case(s) ({_few(cs)}) were left out "
-        f"of the scores as an ignore label (declare it: --ignore-label {v}, or score it as a class: --labels)"
-        for v, cs in sorted(undeclared.items())
-    ]
-
-    per_class = {}
-    for k in keys:
-        d = np.array([c["dice"] for c in cases if c["class"] == k], dtype=np.float64)
-        s = np.array([c["nsd"] for c in cases if c["class"] == k], dtype=np.float64)
-        per_class[k] = {"name": names.get(k, k), "dice": _nanmean(d), "nsd": _nanmean(s),
-                        "n": int(np.count_nonzero(~np.isnan(d)))}
-    mean = {
-        "dice": _nanmean(np.array([v["dice"] for v in per_class.values()], dtype=np.float64)),
-        "nsd": _nanmean(np.array([v["nsd"] for v in per_class.values()], dtype=np.float64)),
-        "n_cases": len(scored),
-        "per_class": per_class,
-    }
+    cases = _case_rows(scored, keys, names, empty_score)
+    undeclared = _undeclared_ignored(scored)
     result = {
         "cases": cases,
-        "mean": mean,
+        "mean": _means(cases, keys, names, len(scored)),
         "missing": missing,
         "errors": errors,
-        "warnings": warnings,
+        "warnings": notes + _undeclared_warnings(undeclared),
         "unmatched_predictions": unmatched,
         "settings": {
             "pred_dir": str(pred_dir.resolve()),
@@ -647,6 +497,134 @@ def evaluate_folder(
     if out_json is not None:
         write_json_atomic(out_json, _nan_to_none(result))
     return result
+
+
+def _pairs(refs: dict[str, Path], ref_dups: dict[str, list[Path]], preds: dict[str, Path],
+           pred_dups: dict[str, list[Path]]) -> tuple[list[str], list[str], list[str], list[dict[str, str]]]:
+    """Pair the reference and prediction files (:func:`find_volumes`) by case id.
+
+    Returns:
+        ``(cases to score, references without a prediction, predictions without a reference,
+        errors of the cases with several files)``, each sorted by case id but the errors.
+    """
+    errors = [{"case": c, "error": f"several reference files for case {c}: {', '.join(map(str, fs))}"}
+              for c, fs in ref_dups.items()]
+    errors += [{"case": c, "error": f"several prediction files for case {c}: {', '.join(map(str, fs))}"}
+               for c, fs in pred_dups.items() if c in refs]
+    missing = sorted(c for c in refs if c not in preds and c not in pred_dups)
+    unmatched = sorted(c for c in preds if c not in refs and c not in ref_dups)
+    todo = sorted(c for c in refs if c in preds)
+    return todo, missing, unmatched, errors
+
+
+def _found_classes(scored: list[dict[str, Any]]) -> tuple[list[ClassSpec], list[int]]:
+    """Without given classes: ``(the nonzero values of the references, values found only in predictions)``."""
+    ref_values = sorted({v for r in scored for v in r["ref_labels"]})
+    pred_only = {int(k) for r in scored for k in r["scores"]} - set(ref_values)
+    return list(ref_values), sorted(pred_only)
+
+
+def _check_arguments(nsd_tolerance_mm: float, workers: int, max_voxels: int | None) -> None:
+    """ValueError for an NSD tolerance (mm) that is not finite and >= 0, ``workers`` < 1 or ``max_voxels`` < 1."""
+    if not (math.isfinite(nsd_tolerance_mm) and nsd_tolerance_mm >= 0):
+        raise ValueError(f"nsd_tolerance_mm must be a finite number >= 0, got {nsd_tolerance_mm!r}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if max_voxels is not None and max_voxels < 1:
+        raise ValueError(f"max_voxels must be >= 1, got {max_voxels}")
+
+
+def _classes(labels: Sequence[ClassSpec] | None, ref_dir: Path
+             ) -> tuple[list[ClassSpec] | None, dict[str, str], str]:
+    """``(classes, names by class key, where they come from)``: the ``labels`` argument (normalised),
+    else the dataset.json of ``ref_dir``, else None (the values found in the reference files)."""
+    if labels is not None:
+        labels = [tuple(int(v) for v in c) if isinstance(c, (tuple, list)) else int(c) for c in labels]
+        if not labels or any(c == 0 for c in labels):
+            raise ValueError(f"labels must be non-empty foreground classes (not 0), got {labels}")
+        return labels, {}, "argument"
+    declared = dataset_labels(ref_dir)
+    if declared is not None:
+        labels, names, path = declared
+        return labels, names, str(path)
+    return None, {}, "reference files"
+
+
+def _ignore_values(ignore_labels: Sequence[int] | None, ref_dir: Path, labels: Sequence[ClassSpec] | None,
+                   labels_given: bool) -> tuple[list[int], list[str]]:
+    """``(ignore values, notes)``: ``ignore_labels`` plus dataset.json's ``ignore`` label.
+
+    A dataset.json that cannot be read is a note when the classes were given as an argument
+    (``labels_given``), else its ValueError. ValueError for 0 or a value that is also a class.
+    """
+    ignore = sorted({int(v) for v in (ignore_labels or ())})
+    notes: list[str] = []
+    try:
+        dataset_ignore = dataset_ignore_label(ref_dir)
+    except ValueError as e:  # classes given as an argument: a broken dataset.json is not needed for them
+        if not labels_given:
+            raise
+        dataset_ignore = None
+        notes.append(f"dataset.json not used for its ignore label: {e}")
+    if dataset_ignore is not None and dataset_ignore not in ignore:
+        ignore.append(dataset_ignore)
+    if 0 in ignore:
+        raise ValueError("the ignore label cannot be 0 (background)")
+    class_values = {int(v) for c in labels or () for v in (c if isinstance(c, tuple) else (c,))}
+    clash = sorted(set(ignore) & class_values)
+    if clash:
+        raise ValueError(f"label value(s) {clash} are both a class to score and an ignore label")
+    return ignore, notes
+
+
+def _case_rows(scored: list[dict[str, Any]], keys: Sequence[str], names: dict[str, str],
+               empty_score: float) -> list[dict[str, Any]]:
+    """One metrics.json ``cases`` row per scored case and class key (a class in neither file of a case:
+    ``empty_score`` for both Dice and NSD)."""
+    both_empty = (float(empty_score), float(empty_score))
+    cases = []
+    for r in scored:
+        for k in keys:
+            d, s = r["scores"].get(k, both_empty)  # a class in neither file of this case
+            row = {"case": r["case"], "class": k, "name": names.get(k, k), "dice": d, "nsd": s}
+            if r.get("ignored_voxels"):
+                row["ignored_voxels"] = r["ignored_voxels"]
+            cases.append(row)
+    return cases
+
+
+def _undeclared_ignored(scored: list[dict[str, Any]]) -> dict[int, list[str]]:
+    """Undeclared reference values that were ignored (negative values, 255) -> the cases holding them."""
+    undeclared: dict[int, list[str]] = {}
+    for r in scored:
+        for v in r.get("undeclared_ignored", ()):
+            undeclared.setdefault(int(v), []).append(r["case"])
+    return undeclared
+
+
+def _undeclared_warnings(undeclared: dict[int, list[str]]) -> list[str]:
+    """The warning sentence of each undeclared ignored value (:func:`_undeclared_ignored`)."""
+    return [
+        f"reference value {v} is not a declared class; its voxels in {len(cs)} case(s) ({_few(cs)}) were left out "
+        f"of the scores as an ignore label (declare it: --ignore-label {v}, or score it as a class: --labels)"
+        for v, cs in sorted(undeclared.items())
+    ]
+
+
+def _means(cases: list[dict[str, Any]], keys: Sequence[str], names: dict[str, str], n_cases: int) -> dict[str, Any]:
+    """metrics.json ``mean``: per-class means over cases (NaN left out) and their means over classes."""
+    per_class = {}
+    for k in keys:
+        d = np.array([c["dice"] for c in cases if c["class"] == k], dtype=np.float64)
+        s = np.array([c["nsd"] for c in cases if c["class"] == k], dtype=np.float64)
+        per_class[k] = {"name": names.get(k, k), "dice": _nanmean(d), "nsd": _nanmean(s),
+                        "n": int(np.count_nonzero(~np.isnan(d)))}
+    return {
+        "dice": _nanmean(np.array([v["dice"] for v in per_class.values()], dtype=np.float64)),
+        "nsd": _nanmean(np.array([v["nsd"] for v in per_class.values()], dtype=np.float64)),
+        "n_cases": n_cases,
+        "per_class": per_class,
+    }
 
 
 def _few(items: Sequence[str], n: int = 3) -> str:

@@ -44,14 +44,15 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from volssl.config import ModelConfig, config_from_dict, config_to_dict
-from volssl.finetuning.losses import LabelMap, deep_supervision_loss
+from volssl.finetuning.losses import LabelMap
 from volssl.finetuning.recipes import lr_at_step, resolve_recipe, stage_at
 from volssl.finetuning.splits import make_splits, save_splits
+from volssl.finetuning.tasks import get_task
 from volssl.finetuning.transfer import TransferReport, set_trainable, trainable_names, transfer_weights
 from volssl.training import distributed as D
 from volssl.training.augment import intensity_augment, spatial_augment
@@ -59,8 +60,9 @@ from volssl.training.checkpoint import load_checkpoint
 from volssl.training.optim import StepSchedule, build_optimizer
 from volssl.training.trainer import (
     AUGMENT_STREAM, RESUME_MUTABLE, VAL_BATCHES, VAL_STREAM, autocast_context, check_train_config, make_scaler,
-    open_run, resolve_device, run_loop, seed_everything, step_seed,
+    open_run, resolve_device, seed_everything, step_seed,
 )
+from volssl.training.loop import StepJob, run_loop
 from volssl.util.atomic import write_json_atomic
 
 PRETRAIN_CHECKPOINTS = ("final.pt", "latest.pt")
@@ -324,6 +326,8 @@ def finetune(
 ) -> dict[str, Any]:
     """Fine-tune ``checkpoint`` on ``dataset`` with ``recipe``, writing the run to ``out``.
 
+    Exempt from the size rule: its parameters are the ``volssl finetune`` command's options, one to one.
+
     Args:
         checkpoint: a pre-training (or imported) checkpoint file or run directory; None / "none":
             random initialisation (recipes with ``transfer="none"``, e.g. ``scratch``).
@@ -359,6 +363,67 @@ def finetune(
     check_train_config(tc)
     out = Path(out)
     source = load_source(checkpoint)
+    _check_source(source, cfg, recipe)
+    device = resolve_device(tc.device)
+    autocast_context(tc.precision, device)
+    info = D.init_distributed(device)
+    device = resolve_device(tc.device, info)
+    config = {"recipe": config_to_dict(cfg), "checkpoint": source.path if source else None,
+              "dataset": str(Path(dataset).expanduser().resolve()), "fold": int(fold), "n_train": n_train,
+              "fraction": fraction, "split_seed": int(split_seed), "n_folds": int(n_folds)}
+    state = open_run(out, config, resume, info, name="finetune", mutable=FINETUNE_MUTABLE, overwrite=overwrite,
+                     state_key="network")
+    # "No (Dyn.)": from scratch with plan "dynamic" (or "dynamic:<GB>"): an nnU-Net-style plan of this dataset
+    dynamic = dynamic_setup(dataset, cfg.plan, cfg.arch or "resenc-l", out, preprocessed_dir, workers, progress, info,
+                            resume=state is not None) if source is None and is_dynamic(cfg.plan) else None
+    explicit_plan = any(o.strip().startswith("plan=") for o in overrides or [])
+    data = _labelled_data(dataset, source, dynamic, cfg, out, preprocessed_dir, workers, progress, info,
+                          explicit_plan)
+    if default_n is not None:
+        available = len(make_splits(data.dataset.cases, fold, None, None, seed, split_seed, n_folds)["train"])
+        n_train = min(default_n, available)
+    data.split(fold, n_train, fraction, seed, split_seed, n_folds)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_splits(out / "splits.json", data.splits)
+
+    seed_everything(tc.seed, device)
+    net = _build_network(cfg, source, dynamic, data, info)
+    net.network = net.network.to(device)
+    method = method_name or _method_name(source, cfg.name)
+    job = _finetune_job(cfg, net, data, info, device, title=method)
+    pretrained = None if source is None else {"checkpoint": source.path, "kind": source.kind,
+                                              "method": source.method, "step": source.step}
+    n = len(data.splits["train"])
+
+    def payload(tag: str) -> dict[str, Any]:
+        return dict(kind="finetune", model=config_to_dict(net.model_cfg), network=net.network.state_dict(),
+                    plan=data.dataset.plan, labels=data.labels, channels=data.channels, patch_size=list(net.patch),
+                    deep_supervision=cfg.deep_supervision, config=config, recipe=cfg.name, pretrained=pretrained,
+                    transfer=net.report.to_dict(), fold=int(fold), n_train=n, **net.task.checkpoint_fields())
+
+    job.payload = payload
+    run_json = {"method": method, "dataset": data.meta["name"], "n_train": n, "seed": int(seed),
+                "fold": int(fold), "pretrained": source is not None, "recipe": cfg.name,
+                "checkpoint": source.path if source else None}
+    if info.is_main:
+        write_json_atomic(out / "run.json", run_json)
+    _say(f"{method} ({cfg.name}) on {data.meta['name']} fold {fold}: {n} training / "
+         f"{len(data.splits['val'])} validation cases, {len(data.channels)} channel(s), "
+         f"{data.label_map.n_classes} classes, patch {net.patch}, batch {cfg.batch_size}, {net.model_cfg.arch} on "
+         f"{device} x{info.world_size}, {tc.precision}, {tc.steps} steps "
+         f"({' + '.join(f'{s.name} {s.steps}' for s in cfg.stages)}); run: {out}", info)
+    summary = run_loop(out, tc, job, config=config, global_batch=cfg.batch_size, info=info, device=device,
+                       state=state, progress=progress)
+    summary.update(run_json=str(out / "run.json"), splits=str(out / "splits.json"), preprocessed=str(data.root),
+                   recipe=cfg.name, method=method, n_train=n, transfer=net.report.to_dict())
+    if info.is_main:
+        write_json_atomic(out / "summary.json", summary)
+    return summary
+
+
+def _check_source(source: Source | None, cfg: Any, recipe: str) -> None:
+    """ValueError unless the checkpoint (None: from scratch) suits the recipe's transfer and architecture."""
     if source is None and cfg.transfer != "none":
         raise ValueError(f"recipe {recipe!r} transfers pre-trained weights (transfer={cfg.transfer!r}); give a "
                          "checkpoint, or train from scratch with a scratch recipe")
@@ -367,81 +432,81 @@ def finetune(
                          "such as s3d)")
     if source is not None and cfg.arch and cfg.arch != source.model.arch:
         raise ValueError(f"arch={cfg.arch!r} but the checkpoint is a {source.model.arch!r} network")
-    device = resolve_device(tc.device)
-    autocast_context(tc.precision, device)
-    info = D.init_distributed(device)
-    device = resolve_device(tc.device, info)
-    offset, local_b = D.local_rows(cfg.batch_size, info)
-    config = {"recipe": config_to_dict(cfg), "checkpoint": source.path if source else None,
-              "dataset": str(Path(dataset).expanduser().resolve()), "fold": int(fold), "n_train": n_train,
-              "fraction": fraction, "split_seed": int(split_seed), "n_folds": int(n_folds)}
-    state = open_run(out, config, resume, info, name="finetune", mutable=FINETUNE_MUTABLE, overwrite=overwrite,
-                     state_key="network")
 
-    # ---- data -----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class LabelledData:
+    """The preprocessed labelled dataset of a fine-tuning run, its declared labels and channels, and the splits."""
+
+    root: Path
+    dataset: Any  # PreprocessedDataset
+    splits: dict[str, Any] = dataclasses.field(default_factory=dict)  # set by split(), with the fields below
+    labels: dict[str, int] = dataclasses.field(default_factory=dict)
+    channels: list[str] = dataclasses.field(default_factory=list)
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+    label_map: LabelMap | None = None
+
+    def split(self, fold: int, n_train: int | None, fraction: float | None, seed: int, split_seed: int,
+              n_folds: int) -> None:
+        """The fold's (seeded subset of) training and validation cases, checked against the declared labels."""
+        self.splits = make_splits(self.dataset.cases, fold, n_train, fraction, seed, split_seed, n_folds)
+        by_id = {r.id: r for r in self.dataset.cases}
+        cases = [by_id[c] for c in self.splits["train"] + self.splits["val"]]
+        meta = dataset_meta(self.root, cases or self.dataset.cases)
+        self.meta, self.labels, self.channels = meta, dict(meta["labels"]), list(meta["channels"])
+        self.label_map = LabelMap(self.labels, meta["instance"])
+        for rec in cases:
+            if rec.shape and int(rec.shape[0]) != len(self.channels):
+                raise ValueError(f"{self.root}: case {rec.id} has {rec.shape[0]} channel(s), the dataset declares "
+                                 f"{self.channels}")
+            bad = self.label_map.unknown(self.dataset.props(rec.id).get("label_values") or [])
+            if bad:
+                raise ValueError(f"{self.dataset.label_path(rec.id)}: label values {bad} are not declared in the "
+                                 f"dataset's labels {self.labels}")
+
+
+def _labelled_data(dataset: str | os.PathLike, source: Source | None, dynamic: Any, cfg: Any, out: Path,
+                   preprocessed_dir: str | os.PathLike | None, workers: int, progress: bool, info: D.DistInfo,
+                   explicit_plan: bool) -> LabelledData:
+    """The labelled dataset preprocessed with the checkpoint's plan (from scratch: the recipe's, or the dynamic
+    plan); a preprocessed dataset must match it unless training from scratch without an explicit plan."""
+    from volssl.data.dataset import PreprocessedDataset
     from volssl.data.preprocess import get_plan
 
-    # "No (Dyn.)": from scratch with plan "dynamic" (or "dynamic:<GB>"): an nnU-Net-style plan of this dataset
-    dynamic = dynamic_setup(dataset, cfg.plan, cfg.arch or "resenc-l", out, preprocessed_dir, workers, progress, info,
-                            resume=state is not None) if source is None and is_dynamic(cfg.plan) else None
     plan = dynamic.plan.to_dict() if dynamic else source.plan if source is not None else get_plan(cfg.plan).to_dict()
     if plan is None:
         _say(f"{source.path} carries no preprocessing plan ({source.kind}); using the S3D plan", info)
         plan = get_plan("s3d").to_dict()
-    # a preprocessed dataset must match the checkpoint's plan; from scratch its own plan is used
-    # unless a plan was asked for explicitly
-    explicit_plan = any(o.strip().startswith("plan=") for o in overrides or [])
     root = prepare_dataset(dataset, plan, out, preprocessed_dir, workers, progress, info,
                            check=source is not None or explicit_plan or dynamic is not None)
-    from volssl.data.dataset import PreprocessedDataset
-    from volssl.data.patches import PatchSampler, make_loader
+    return LabelledData(root=root, dataset=PreprocessedDataset(root))
 
-    data = PreprocessedDataset(root)
-    if default_n is not None:
-        available = len(make_splits(data.cases, fold, None, None, seed, split_seed, n_folds)["train"])
-        n_train = min(default_n, available)
-    splits = make_splits(data.cases, fold, n_train, fraction, seed, split_seed, n_folds)
-    by_id = {r.id: r for r in data.cases}
-    meta = dataset_meta(root, [by_id[c] for c in splits["train"] + splits["val"]] or data.cases)
-    labels, channels = dict(meta["labels"]), list(meta["channels"])
-    label_map = LabelMap(labels, meta["instance"])
-    for case in splits["train"] + splits["val"]:
-        rec = by_id[case]
-        if rec.shape and int(rec.shape[0]) != len(channels):
-            raise ValueError(f"{root}: case {case} has {rec.shape[0]} channel(s), the dataset declares {channels}")
-        bad = label_map.unknown(data.props(case).get("label_values") or [])
-        if bad:
-            raise ValueError(f"{data.label_path(case)}: label values {bad} are not declared in the dataset's labels "
-                             f"{labels}")
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_splits(out / "splits.json", splits)
 
-    # ---- network ----------------------------------------------------------------------------
-    seed_everything(tc.seed, device)
-    base = source.model if source is not None else ModelConfig(arch=cfg.arch or "resenc-l",
-                                                               **(dynamic.model if dynamic else {}))
-    offsets = None
-    if cfg.task == "affinities":  # instance labels -> affinities (MAE-XNT axons); no deep supervision
-        from volssl.finetuning.affinities import affinity_loss, affinity_targets, make_offsets
+@dataclasses.dataclass
+class FineTuneNetwork:
+    """The network of a fine-tuning run: built, weights transferred, with its task and patch."""
 
-        if not meta["instance"]:
-            raise ValueError(f"recipe {cfg.name!r} predicts affinities from instance labels, but {root}'s "
-                             "dataset.json does not declare instance labels")
-        offsets = make_offsets(cfg.affinity_distances)
-        cfg.deep_supervision = False
+    network: torch.nn.Module
+    model_cfg: ModelConfig
+    task: Any  # finetuning.tasks.Task
+    report: TransferReport
+    patch: tuple[int, ...]
 
-        def task_loss(outputs: Any, label: torch.Tensor) -> torch.Tensor:
-            target, valid = affinity_targets(label, offsets)
-            return affinity_loss(outputs[0] if isinstance(outputs, (list, tuple)) else outputs, target, valid)
-    else:
-        def task_loss(outputs: Any, label: torch.Tensor) -> torch.Tensor:
-            return deep_supervision_loss(outputs, label_map(label))
-    n_out = len(offsets) if offsets else label_map.n_classes
-    model_cfg = dataclasses.replace(base, in_channels=len(channels), out_channels=n_out,
-                                    channel_fusion=cfg.channel_fusion)
+
+def _build_network(cfg: Any, source: Source | None, dynamic: Any, data: LabelledData,
+                   info: D.DistInfo) -> FineTuneNetwork:
+    """The checkpoint's architecture (from scratch: the recipe's or the dynamic plan's) with the dataset's input
+    channels and the task's outputs, pre-trained weights moved per the recipe, the patch checked."""
     from volssl.models.registry import build_model
 
+    base = source.model if source is not None else ModelConfig(arch=cfg.arch or "resenc-l",
+                                                               **(dynamic.model if dynamic else {}))
+    task = get_task(cfg.task, data.label_map, cfg.affinity_distances)  # what the network predicts, and its loss
+    task.check_dataset(data.meta, data.root, cfg.name)
+    if not task.deep_supervision:
+        cfg.deep_supervision = False
+    model_cfg = dataclasses.replace(base, in_channels=len(data.channels), out_channels=task.n_outputs(),
+                                    channel_fusion=cfg.channel_fusion)
     network = build_model(model_cfg)
     if not hasattr(network, "encoder") or not hasattr(network, "decoder"):
         raise ValueError(f"fine-tuning needs an encoder/decoder network, {model_cfg.arch!r} is not one")
@@ -458,23 +523,34 @@ def finetune(
     stride = network.encoder.total_stride
     if any(p % stride for p in patch):
         raise ValueError(f"patch {patch} is not divisible by the network's total stride {stride}")
-    network = network.to(device)
+    return FineTuneNetwork(network=network, model_cfg=model_cfg, task=task, report=report, patch=patch)
 
-    # ---- optimisation -------------------------------------------------------------------------
+
+def _param_groups(cfg: Any, network: torch.nn.Module) -> list[Any]:
+    """The trainable parameters, as layer-decay groups (ViT), encoder / rest groups (``encoder_lr_scale``) or a list."""
     names = set(trainable_names(network, "all", deep_supervision=cfg.deep_supervision))
     if cfg.layer_decay is not None:  # ViT encoders: per-layer lr scales (and no decay of biases / norms)
         from volssl.training.lr_decay import param_groups_lrd
 
-        params = param_groups_lrd(network, cfg.optim.weight_decay, cfg.layer_decay, names=names)
-    elif cfg.encoder_lr_scale != 1.0:  # the encoder (stem included) at a fraction of the lr
+        return param_groups_lrd(network, cfg.optim.weight_decay, cfg.layer_decay, names=names)
+    if cfg.encoder_lr_scale != 1.0:  # the encoder (stem included) at a fraction of the lr
         named = [(n, p) for n, p in network.named_parameters() if n in names]
-        params = [{"params": [p for n, p in named if n.startswith("encoder.")], "lr_scale": cfg.encoder_lr_scale},
-                  {"params": [p for n, p in named if not n.startswith("encoder.")], "lr_scale": 1.0}]
-    else:
-        params = [p for n, p in network.named_parameters() if n in names]
-    optimizer = build_optimizer(params, cfg.optim)
+        return [{"params": [p for n, p in named if n.startswith("encoder.")], "lr_scale": cfg.encoder_lr_scale},
+                {"params": [p for n, p in named if not n.startswith("encoder.")], "lr_scale": 1.0}]
+    return [p for n, p in network.named_parameters() if n in names]
+
+
+def _finetune_job(cfg: Any, net: FineTuneNetwork, data: LabelledData, info: D.DistInfo, device: torch.device,
+                  title: str) -> StepJob:
+    """The :class:`StepJob` of fine-tuning ``net`` (its ``payload`` is set by the caller): stage-wise trainable
+    parameters and learning rates, nnU-Net-oversampled labelled patches, spatial (and intensity) augmentation
+    of images and labels, the task's loss, and the validation loss on fixed validation patches."""
+    from volssl.data.patches import PatchSampler, make_loader
+
+    tc, network, splits = cfg.train, net.network, data.splits
+    offset, local_b = D.local_rows(cfg.batch_size, info)
+    optimizer = build_optimizer(_param_groups(cfg, network), cfg.optim)
     schedule = StepSchedule(optimizer, tc.steps, cfg.optim, lr_fn=lambda s: lr_at_step(cfg, s))
-    scaler = make_scaler(tc.precision, device)
 
     def on_step(step: int) -> bool:
         k, local = stage_at(cfg, step)
@@ -488,8 +564,9 @@ def finetune(
 
     # nnU-Net's oversampling: the last foreground_prob of every global batch is centred on foreground
     # (at least one patch of a batch of 2), not an independent coin (which left 45% of batches of 2 without)
-    sampler = PatchSampler(data, patch, foreground_prob=cfg.foreground_prob, seed=tc.seed, channel_mode="all",
-                           with_labels=True, cases=splits["train"], foreground_batch=cfg.batch_size)
+    sampler = PatchSampler(data.dataset, net.patch, foreground_prob=cfg.foreground_prob, seed=tc.seed,
+                           channel_mode="all", with_labels=True, cases=splits["train"],
+                           foreground_batch=cfg.batch_size)
 
     def batches(start: int, rank: int, world: int):
         return make_loader(sampler, cfg.batch_size, cfg.num_workers, start_batch=start, rank=rank, world_size=world,
@@ -498,8 +575,8 @@ def finetune(
     def forward(model: torch.nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
         images = batch["image"].to(device, non_blocking=True).float()
         target = batch["label"].to(device, non_blocking=True)
-        if images.ndim != 5 or images.shape[0] != local_b or images.shape[1] != len(channels):
-            raise ValueError(f"batch 'image' must be ({local_b}, {len(channels)}, X, Y, Z) per rank, got "
+        if images.ndim != 5 or images.shape[0] != local_b or images.shape[1] != len(data.channels):
+            raise ValueError(f"batch 'image' must be ({local_b}, {len(data.channels)}, X, Y, Z) per rank, got "
                              f"{tuple(images.shape)}")
         torch.manual_seed(step_seed(tc.seed, step))
         gen = torch.Generator().manual_seed(step_seed(tc.seed, step, AUGMENT_STREAM))
@@ -508,54 +585,36 @@ def finetune(
             images = intensity_augment(images, cfg.intensity, gen, offset, cfg.batch_size)
         with autocast_context(tc.precision, device):
             outputs = model(images)
-        return task_loss(outputs, target), {}
+        return net.task.loss(outputs, target), {}
 
-    validate = None
-    if tc.val_every > 0 and splits["val"]:
-        val_sampler = PatchSampler(data, patch, foreground_prob=cfg.foreground_prob,
-                                   seed=step_seed(tc.seed, 0, VAL_STREAM), channel_mode="all", with_labels=True,
-                                   cases=splits["val"], foreground_batch=cfg.batch_size)
-        it0 = iter(make_loader(val_sampler, cfg.batch_size, 0, rank=info.rank, world_size=info.world_size))
-        val_data = [next(it0) for _ in range(VAL_BATCHES)]
-        del it0
+    return StepJob(module=network, optimizer=optimizer, schedule=schedule, scaler=make_scaler(tc.precision, device),
+                   batches=batches, forward=forward, payload=lambda tag: {}, state_key="network",
+                   grad_clip=cfg.optim.grad_clip, validate=_validation(cfg, net, data, info, device),
+                   on_step=on_step, name="finetune", title=title)
 
-        def validate() -> float:
-            losses = []
-            with torch.no_grad():
-                for b in val_data:
-                    with autocast_context(tc.precision, device):
-                        outputs = network(b["image"].to(device).float())
-                    losses.append(task_loss(outputs, b["label"].to(device)).detach())
-            return float(D.all_reduce_mean(torch.stack(losses).mean(), info).item())
 
-    pretrained = None if source is None else {"checkpoint": source.path, "kind": source.kind,
-                                              "method": source.method, "step": source.step}
+def _validation(cfg: Any, net: FineTuneNetwork, data: LabelledData, info: D.DistInfo,
+                device: torch.device) -> Callable[[], float] | None:
+    """The validation loss on fixed patches of the fold's validation cases (None: no validation)."""
+    from volssl.data.patches import PatchSampler, make_loader
 
-    def payload(tag: str) -> dict[str, Any]:
-        return dict(kind="finetune", model=config_to_dict(model_cfg), network=network.state_dict(), plan=data.plan,
-                    labels=labels, channels=channels, patch_size=list(patch), deep_supervision=cfg.deep_supervision,
-                    config=config, recipe=cfg.name, pretrained=pretrained, transfer=report.to_dict(),
-                    fold=int(fold), n_train=len(splits["train"]), task=cfg.task,
-                    offsets=[list(o) for o in offsets] if offsets else None)
+    tc = cfg.train
+    if not (tc.val_every > 0 and data.splits["val"]):
+        return None
+    val_sampler = PatchSampler(data.dataset, net.patch, foreground_prob=cfg.foreground_prob,
+                               seed=step_seed(tc.seed, 0, VAL_STREAM), channel_mode="all", with_labels=True,
+                               cases=data.splits["val"], foreground_batch=cfg.batch_size)
+    it0 = iter(make_loader(val_sampler, cfg.batch_size, 0, rank=info.rank, world_size=info.world_size))
+    val_data = [next(it0) for _ in range(VAL_BATCHES)]
+    del it0
 
-    method = method_name or _method_name(source, cfg.name)
-    run_json = {"method": method, "dataset": meta["name"], "n_train": len(splits["train"]), "seed": int(seed),
-                "fold": int(fold), "pretrained": source is not None, "recipe": cfg.name,
-                "checkpoint": source.path if source else None}
-    if info.is_main:
-        write_json_atomic(out / "run.json", run_json)
-    _say(f"{method} ({cfg.name}) on {meta['name']} fold {fold}: {len(splits['train'])} training / "
-         f"{len(splits['val'])} validation cases, {len(channels)} channel(s), {label_map.n_classes} classes, "
-         f"patch {patch}, batch {cfg.batch_size}, {model_cfg.arch} on {device} x{info.world_size}, {tc.precision}, "
-         f"{tc.steps} steps ({' + '.join(f'{s.name} {s.steps}' for s in cfg.stages)}); run: {out}", info)
+    def validate() -> float:
+        losses = []
+        with torch.no_grad():
+            for b in val_data:
+                with autocast_context(tc.precision, device):
+                    outputs = net.network(b["image"].to(device).float())
+                losses.append(net.task.loss(outputs, b["label"].to(device)).detach())
+        return float(D.all_reduce_mean(torch.stack(losses).mean(), info).item())
 
-    summary = run_loop(out, tc, module=network, optimizer=optimizer, schedule=schedule, scaler=scaler,
-                       batches=batches, forward=forward, payload=payload, config=config, global_batch=cfg.batch_size,
-                       info=info, device=device, state=state, state_key="network", grad_clip=cfg.optim.grad_clip,
-                       validate=validate, on_step=on_step, name="finetune", title=method, progress=progress)
-    summary.update(run_json=str(out / "run.json"), splits=str(out / "splits.json"), preprocessed=str(root),
-                   recipe=cfg.name, method=method, n_train=len(splits["train"]), transfer=report.to_dict())
-    if info.is_main:
-        write_json_atomic(out / "summary.json", summary)
-    return summary
-
+    return validate

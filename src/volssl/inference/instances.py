@@ -13,24 +13,24 @@ the nearest neighbours), one case is predicted as:
 4. ``OUT/<case>.nii.gz`` (the first threshold) and ``OUT/t<threshold>/<case>.nii.gz`` (each), uint32
    instance ids on the input's grid.
 
-:func:`predict_instances_folder` predicts a folder and scores each threshold against reference
-instance labels (:func:`volssl.evaluation.instance_evaluate.evaluate_instances_folder`).
+:func:`predict_instances_case` is the affinity task's per-case predictor
+(:data:`volssl.inference.predict.CASE_PREDICTORS`); scoring the instances against reference labels is
+:func:`volssl.experiment.predict_instances_folder` (evaluation comes after inference).
 """
 from __future__ import annotations
 
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from volssl.data.geometry import GeometryRecord, to_original
+from volssl.inference.model import FineTunedModel, PredictOptions
 from volssl.inference.sliding_window import sliding_window_predict
-
-if TYPE_CHECKING:
-    from volssl.inference.predict import FineTunedModel
+from volssl.inference.writing import write_label_map
 
 
 def threshold_dir(out: str | os.PathLike, t: float) -> Path:
@@ -53,18 +53,19 @@ def predict_affinities(model: FineTunedModel, image: np.ndarray, overlap: float 
         return torch.sigmoid(logits.float()).numpy()
 
 
-def predict_instances_case(model: FineTunedModel, case_id: str, image: np.ndarray, record: GeometryRecord,
-                           source: str, output_dir: str | os.PathLike, thresholds: Sequence[float] = (0.5,),
-                           overlap: float = 0.5, device: torch.device | str = "cpu", sw_batch_size: int = 1,
-                           autocast: bool = False, t0: float | None = None) -> dict[str, Any]:
-    """Steps 1-4 of the module docstring for one preprocessed case; returns its predict.json entry."""
+def predict_instances_case(model: FineTunedModel, case_id: str, files: Sequence[str], image: np.ndarray,
+                           record: GeometryRecord, output_dir: str | os.PathLike, options: PredictOptions,
+                           t0: float | None = None) -> dict[str, Any]:
+    """Steps 1-4 of the module docstring for one preprocessed case (``files``: its channel files, the
+    first one giving the output grid); returns its predict.json entry."""
     from volssl.inference.agglomerate import segment
-    from volssl.inference.predict import write_label_map
 
     t0 = time.perf_counter() if t0 is None else t0
+    thresholds = options.thresholds
     if not thresholds:
         raise ValueError("give at least one agglomeration threshold")
-    affs = predict_affinities(model, image, overlap, device, sw_batch_size, autocast)
+    source = files[0]
+    affs = predict_affinities(model, image, options.overlap, options.device, options.sw_batch_size, options.autocast)
     affs = np.clip(to_original(affs, record, order=1, fill=0.0), 0.0, 1.0).astype(np.float32)
     spacing = np.sqrt((np.asarray(record.original_affine)[:3, :3] ** 2).sum(0))
     segs = segment(affs, [float(t) for t in thresholds], spacing=tuple(float(s) for s in spacing))
@@ -83,24 +84,3 @@ def predict_instances_case(model: FineTunedModel, case_id: str, image: np.ndarra
     return {"case": case_id, "files": [source], "output": str(out / f"{case_id}.nii.gz"), "probabilities": None,
             "shape": [int(s) for s in affs.shape[1:]], "instances": counts,
             "thresholds": [float(t) for t in thresholds], "seconds": round(time.perf_counter() - t0, 3)}
-
-
-def predict_instances_folder(model: Any, images: str | os.PathLike, labels: str | os.PathLike,
-                             out: str | os.PathLike, thresholds: Sequence[float] = (0.5, 0.6, 0.7),
-                             device: str = "cpu", progress: bool = False) -> dict[float, dict[str, float]]:
-    """Predict ``images`` with the affinity model (a run dir, checkpoint or FineTunedModel) at every
-    threshold, score each against ``labels``: ``{threshold: mean instance metrics}`` (metrics files in
-    ``out/metrics_t<t>.json``, predictions in ``out/predictions``)."""
-    from volssl.evaluation.instance_evaluate import evaluate_instances_folder
-    from volssl.inference.predict import predict_folder
-
-    out = Path(out)
-    predict_folder(model, images, out / "predictions", mirror_axes=(), device=device, progress=progress,
-                   thresholds=thresholds)
-    scores = {}
-    for t in thresholds:
-        result = evaluate_instances_folder(threshold_dir(out / "predictions", t), labels,
-                                           out / f"metrics_t{float(t):g}.json", progress=progress)
-        scores[float(t)] = {k: (float("nan") if v is None else float(v)) for k, v in result["mean"].items()
-                            if isinstance(v, (int, float)) or v is None}
-    return scores

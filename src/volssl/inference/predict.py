@@ -34,186 +34,31 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
-from volssl.config import ModelConfig
 from volssl.data.geometry import GeometryRecord, to_original
-from volssl.data.preprocess import PreprocessPlan, label_dtype, preprocess_arrays
+from volssl.data.preprocess import label_dtype, preprocess_arrays
 from volssl.data.quality import QualityRules, check_case
-from volssl.data.readers import (NIBABEL_SUFFIXES, SourceCase, default_max_voxels, discover, sanitize_id, source_axes,
-                                 volume_suffix)
+from volssl.data.readers import SourceCase, default_max_voxels, discover, sanitize_id, source_axes, volume_suffix
+from volssl.finetuning.tasks import Affinities, SemanticSegmentation
+from volssl.inference.instances import predict_instances_case
+# the model, its loading and the output writer live below this module; re-exported under their old names
+from volssl.inference.model import (CHECKPOINT_NAMES, FineTunedModel, PredictOptions, load_finetuned,  # noqa: F401
+                                    resolve_checkpoint, resolve_device)
 from volssl.inference.sliding_window import sliding_window_predict
+from volssl.inference.writing import write_label_map
 from volssl.util.atomic import atomic_path, write_json_atomic
 from volssl.util.errors import describe_failure
 from volssl.util.paths import check_output_dir
 
-CHECKPOINT_NAMES = ("final.pt", "best.pt", "latest.pt")
 # structural rules only: a small, thick-sliced or small-FOV scan is still predicted
 PREDICT_RULES = QualityRules(min_fov_mm=None, max_spacing_mm=None, min_file_bytes=None)
 _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
-
-
-# ---------------------------------------------------------------------------------------------- the model
-
-
-@dataclass
-class FineTunedModel:
-    """A segmentation network with what prediction needs to use it.
-
-    Attributes:
-        network: maps ``(n, len(channels), *patch_size)`` to logits ``(n, len(labels), *patch_size)``
-            (or a list of outputs, full resolution first).
-        plan: the preprocessing plan the network was trained with.
-        labels: ``{"background": 0, "lesion": 1, ...}`` (dataset.json style); output channel ``k`` is
-            the ``k``-th smallest label value.
-        channels: input channel names, in input order.
-        patch_size: sliding-window tile (voxels, x, y, z).
-        input_spacing: (x, y, z) mm for TIFF/Zarr inputs that carry no spacing (from plan.json).
-        source: the checkpoint file, if loaded from one.
-    """
-
-    network: nn.Module
-    plan: PreprocessPlan
-    labels: dict[str, int]
-    channels: tuple[str, ...]
-    patch_size: tuple[int, int, int]
-    input_spacing: tuple[float, float, float] | None = None
-    source: str | None = None
-    task: str = "semantic"  # "semantic" (class logits) or "affinities" (one logit per offset; instances)
-    offsets: tuple[tuple[int, ...], ...] | None = None  # task "affinities": the offset of each output channel
-
-    def __post_init__(self) -> None:
-        if isinstance(self.plan, dict):
-            self.plan = PreprocessPlan.from_dict(self.plan)
-        if not isinstance(self.labels, dict) or len(self.labels) < 2:
-            raise ValueError(f"labels must map at least two names to integer values, got {self.labels!r}")
-        if any(isinstance(v, (list, tuple)) for v in self.labels.values()):
-            raise ValueError(f"region-based labels (lists of values) are not supported for prediction: {self.labels}")
-        try:
-            self.labels = {str(k): int(v) for k, v in self.labels.items()}
-        except (TypeError, ValueError):
-            raise ValueError(f"labels must map names to integer values, got {self.labels!r}") from None
-        if len(set(self.labels.values())) != len(self.labels):
-            raise ValueError(f"label values must be distinct, got {self.labels}")
-        self.channels = tuple(str(c) for c in self.channels)
-        if not self.channels:
-            raise ValueError("a model needs at least one input channel name")
-        patch = tuple(int(p) for p in self.patch_size)
-        if len(patch) != 3 or min(patch) < 1:
-            raise ValueError(f"patch_size must be three positive integers, got {self.patch_size!r}")
-        self.patch_size = patch
-        if self.input_spacing is not None:
-            self.input_spacing = tuple(float(s) for s in self.input_spacing)
-        if self.task not in ("semantic", "affinities"):
-            raise ValueError(f"task must be 'semantic' or 'affinities', got {self.task!r}")
-        if self.task == "affinities":
-            if not self.offsets:
-                raise ValueError("an affinity model needs the offsets of its output channels")
-            self.offsets = tuple(tuple(int(v) for v in o) for o in self.offsets)
-
-    @property
-    def label_values(self) -> list[int]:
-        """Label value of each output channel (sorted)."""
-        return sorted(self.labels.values())
-
-    @property
-    def label_names(self) -> list[str]:
-        by_value = {v: k for k, v in self.labels.items()}
-        return [by_value[v] for v in self.label_values]
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """The checkpoint file of ``path``: the file itself, or a run directory's
-    ``checkpoints/final.pt`` (else ``best.pt``, else ``latest.pt``)."""
-    path = Path(path).expanduser()
-    if path.is_file():
-        return path
-    if path.is_dir():
-        for folder in (path / "checkpoints", path):
-            for name in CHECKPOINT_NAMES:
-                if (folder / name).is_file():
-                    return folder / name
-        names = ", ".join(CHECKPOINT_NAMES)
-        raise FileNotFoundError(f"{path}: no checkpoint found (looked for {names} in {path}/checkpoints and {path})")
-    raise FileNotFoundError(f"model not found: {path}")
-
-
-def _model_config(d: Any, where: Path) -> ModelConfig:
-    if not isinstance(d, dict):
-        raise ValueError(f"{where}: 'model' must be a ModelConfig dict, got {type(d).__name__}")
-    known = {f.name for f in fields(ModelConfig)}
-    unknown = set(d) - known
-    if unknown:
-        raise ValueError(f"{where}: unknown ModelConfig field(s) {sorted(unknown)}")
-    return ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-
-
-def load_finetuned(path: str | os.PathLike, device: torch.device | str = "cpu") -> FineTunedModel:
-    """Load a fine-tuned model (contract: docs/design.md, "Fine-tuned model").
-
-    Args:
-        path: a run directory (``checkpoints/final.pt``, else ``best.pt``, else ``latest.pt``) or a
-            ``.pt`` file.
-        device: where to put the network.
-
-    Raises:
-        FileNotFoundError: no checkpoint there.
-        ValueError: not a volssl checkpoint, not kind "finetune", inconsistent fields, or weights that
-            do not fit the described network (the message names the file).
-    """
-    from volssl.models.registry import build_model
-    from volssl.training.checkpoint import load_checkpoint
-
-    file = resolve_checkpoint(path)
-    data = load_checkpoint(file)
-    if data.get("kind") != "finetune":
-        raise ValueError(f"{file}: a {data.get('kind')!r} checkpoint, not a fine-tuned model (kind 'finetune'); "
-                         "prediction needs a fine-tuned segmentation network")
-    missing = [k for k in ("model", "network", "plan", "labels", "channels", "patch_size") if k not in data]
-    if missing:
-        raise ValueError(f"{file}: fine-tuned checkpoint lacks {', '.join(missing)}")
-    cfg = _model_config(data["model"], file)
-    try:
-        model_plan = PreprocessPlan.from_dict(data["plan"])
-        network = build_model(cfg)
-        network.load_state_dict(data["network"], strict=True)
-    except (RuntimeError, TypeError, ValueError, KeyError) as e:
-        raise ValueError(f"{file}: cannot build the network or load its weights: {e}") from None
-    if hasattr(network, "deep_supervision"):
-        network.deep_supervision = False  # only the full-resolution output is needed
-    spacing = data["plan"].get("input_spacing") if isinstance(data["plan"], dict) else None
-    model = FineTunedModel(
-        network=network.to(device).eval(), plan=model_plan, labels=data["labels"], channels=data["channels"],
-        patch_size=data["patch_size"], input_spacing=spacing, source=str(file),
-        task=data.get("task") or "semantic", offsets=data.get("offsets"),
-    )
-    if cfg.in_channels != len(model.channels):
-        raise ValueError(f"{file}: the network takes {cfg.in_channels} channel(s) but 'channels' names "
-                         f"{len(model.channels)}: {list(model.channels)}")
-    if model.task == "affinities":
-        if cfg.out_channels != len(model.offsets):
-            raise ValueError(f"{file}: the network has {cfg.out_channels} output channel(s) but {len(model.offsets)} "
-                             "affinity offsets")
-    elif cfg.out_channels != len(model.labels):
-        raise ValueError(f"{file}: the network has {cfg.out_channels} output channel(s) but 'labels' has "
-                         f"{len(model.labels)} entries: {model.labels}")
-    return model
-
-
-def resolve_device(device: torch.device | str) -> torch.device:
-    """``"auto"``: CUDA when available, else the CPU; otherwise ``torch.device(device)``."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device} requested but CUDA is not available (use --device cpu or auto)")
-    return device
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -335,55 +180,67 @@ def probabilities_to_original(probs: np.ndarray, record: GeometryRecord) -> np.n
     return back
 
 
-def write_label_map(path: str | os.PathLike, label: np.ndarray, source: str, affine: np.ndarray) -> None:
-    """Write ``label`` (X, Y, Z) as NIfTI at ``path`` (atomically) on the grid of ``source``.
+def predict_semantic_case(model: FineTunedModel, case_id: str, files: Sequence[str], image: np.ndarray,
+                          record: GeometryRecord, output_dir: str | os.PathLike, options: PredictOptions,
+                          t0: float | None = None) -> dict[str, Any]:
+    """A semantic model's prediction of one preprocessed case: class probabilities, mapped back onto the
+    grid of ``files[0]``, argmax -> ``<case>.nii.gz`` (and ``<case>.npz`` with ``save_probabilities``);
+    returns its predict.json entry."""
+    t0 = time.perf_counter() if t0 is None else t0
+    probs = predict_probabilities(model, image, options.overlap, options.mirror_axes, options.device,
+                                  options.sw_batch_size, options.autocast)
+    del image
+    probs = probabilities_to_original(probs, record)
+    values = np.asarray(model.label_values)
+    label = values[np.argmax(probs, axis=0)]
+    label = label.astype(label_dtype(values), copy=False)
+    out_dir = Path(output_dir)
+    out_path = out_dir / f"{case_id}.nii.gz"
+    write_label_map(out_path, label, files[0], np.asarray(record.original_affine))
+    prob_path = None
+    if options.save_probabilities:
+        prob_path = out_dir / f"{case_id}.npz"
+        with atomic_path(prob_path, suffix=".npz") as tmp:
+            np.savez_compressed(
+                tmp, probabilities=probs.astype(np.float32, copy=False), labels=values.astype(np.int64),
+                names=np.asarray(model.label_names), affine=np.asarray(record.original_affine, dtype=np.float64),
+            )
+    return {
+        "case": case_id, "files": list(files), "output": str(out_path),
+        "probabilities": str(prob_path) if prob_path else None,
+        "shape": [int(s) for s in label.shape], "labels_found": [int(v) for v in np.unique(label)],
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
 
-    A NIfTI source's header is reused (qform, sform and their codes; data type, scaling and display
-    range reset for a label map; trailing axes of size 1 kept); any other source gets qform = sform =
-    ``affine`` with code 1.
-    """
-    import nibabel as nib
 
-    img = None
-    if volume_suffix(source) in NIBABEL_SUFFIXES:
-        src = nib.load(source)
-        if isinstance(src, (nib.Nifti1Image, nib.Nifti2Image)) and tuple(src.shape[:3]) == label.shape:
-            header = src.header.copy()
-            header.set_data_dtype(label.dtype)
-            header.set_slope_inter(1.0, 0.0)
-            header["cal_min"], header["cal_max"] = 0.0, 0.0
-            img = type(src)(label.reshape(src.shape), None, header=header)  # (X, Y, Z, 1) stays 4D
-            if not np.allclose(header.get_best_affine(), affine, rtol=0, atol=1e-4):  # a bug in the reader
-                raise RuntimeError(f"{source}: header affine differs from the affine read")
-    if img is None:
-        img = nib.Nifti1Image(label, np.asarray(affine, dtype=np.float64))
-        img.set_qform(affine, code=1)
-        img.set_sform(affine, code=1)
-        img.header.set_data_dtype(label.dtype)
-    with atomic_path(path, suffix=".nii.gz") as tmp:
-        nib.save(img, str(tmp))
+class CasePredictor(NamedTuple):
+    """How a task's model predicts one preprocessed case (:data:`CASE_PREDICTORS`)."""
+
+    #: ``(model, case_id, files, image, record, output_dir, options, t0) -> predict.json entry``
+    predict: Callable[..., dict[str, Any]]
+    #: the agglomeration thresholds apply (recorded in predict.json's settings)
+    thresholds: bool = False
 
 
-def predict_case(
-    model: FineTunedModel,
-    case: SourceCase,
-    output_dir: str | os.PathLike,
-    save_probabilities: bool = False,
-    overlap: float = 0.5,
-    mirror_axes: Sequence[int] = (0, 1, 2),
-    device: torch.device | str = "cpu",
-    sw_batch_size: int = 1,
-    autocast: bool = False,
-    thresholds: Sequence[float] = (0.5,),
-) -> dict[str, Any]:
-    """Predict one case and write its files (an affinity model: instance maps, one per agglomeration
-    threshold; see :mod:`volssl.inference.instances`).
+#: the per-case predictor of each task of a fine-tuned model (``FineTunedModel.task``): the one place
+#: prediction dispatches on the task
+CASE_PREDICTORS: dict[str, CasePredictor] = {
+    SemanticSegmentation.name: CasePredictor(predict_semantic_case),
+    Affinities.name: CasePredictor(predict_instances_case, thresholds=True),
+}
+
+
+def predict_case(model: FineTunedModel, case: SourceCase, output_dir: str | os.PathLike,
+                 options: PredictOptions = PredictOptions()) -> dict[str, Any]:
+    """Predict one case and write its files with its task's predictor (:data:`CASE_PREDICTORS`; an
+    affinity model: instance maps, one per agglomeration threshold, see :mod:`volssl.inference.instances`).
 
     Returns:
         ``{"case", "files", "output", "probabilities" (path or None), "shape", "labels_found",
         "seconds"}``, or ``{"case", "files", "path", "reason"}`` when the case cannot be predicted.
     """
     t0 = time.perf_counter()
+    options = replace(options, device=resolve_device(options.device))
     files = list(case.images)
 
     def failed(path: str, reason: str) -> dict[str, Any]:
@@ -403,34 +260,7 @@ def predict_case(
         return failed(checked.problems[0].path, "; ".join(f"{Path(p.path).name}: {p.reason}" for p in checked.problems))
     image_p, _, record, _ = preprocess_arrays(checked.image, checked.affine, model.plan, None, source_axes(first))
     del checked
-    if model.task == "affinities":
-        from volssl.inference.instances import predict_instances_case
-
-        return predict_instances_case(model, case.id, image_p, record, first, output_dir, thresholds, overlap,
-                                      device, sw_batch_size, autocast, t0)
-    probs = predict_probabilities(model, image_p, overlap, mirror_axes, device, sw_batch_size, autocast)
-    del image_p
-    probs = probabilities_to_original(probs, record)
-    values = np.asarray(model.label_values)
-    label = values[np.argmax(probs, axis=0)]
-    label = label.astype(label_dtype(values), copy=False)
-    out_dir = Path(output_dir)
-    out_path = out_dir / f"{case.id}.nii.gz"
-    write_label_map(out_path, label, first, np.asarray(record.original_affine))
-    prob_path = None
-    if save_probabilities:
-        prob_path = out_dir / f"{case.id}.npz"
-        with atomic_path(prob_path, suffix=".npz") as tmp:
-            np.savez_compressed(
-                tmp, probabilities=probs.astype(np.float32, copy=False), labels=values.astype(np.int64),
-                names=np.asarray(model.label_names), affine=np.asarray(record.original_affine, dtype=np.float64),
-            )
-    return {
-        "case": case.id, "files": files, "output": str(out_path),
-        "probabilities": str(prob_path) if prob_path else None,
-        "shape": [int(s) for s in label.shape], "labels_found": [int(v) for v in np.unique(label)],
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
+    return CASE_PREDICTORS[model.task].predict(model, case.id, files, image_p, record, output_dir, options, t0)
 
 
 # ---------------------------------------------------------------------------------------------- the folder
@@ -451,19 +281,29 @@ def _output_unwritable(e: BaseException, output_dir: Path) -> bool:
         return False
 
 
+def _predict_or_report(model: FineTunedModel, case: SourceCase, output_dir: Path,
+                       options: PredictOptions) -> dict[str, Any]:
+    """:func:`predict_case`, a failure reported as ``{"case", "files", "path", "reason"}``; an output that
+    cannot be written stops the run (every later case would fail the same way, after its work)."""
+    try:
+        return predict_case(model, case, output_dir, options)
+    except Exception as e:  # noqa: BLE001 - an odd file (or a bug) must not stop the run
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            torch.cuda.empty_cache()
+        if _output_unwritable(e, output_dir):
+            raise
+        path = case.images[0] if case.images else case.id
+        reason = "out of memory while predicting" if isinstance(e, MemoryError) else describe_failure(e)
+        return {"case": case.id, "files": list(case.images), "path": path, "reason": f"{Path(path).name}: {reason}"}
+
+
 def predict_folder(
     model: FineTunedModel | str | os.PathLike,
     input_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
-    save_probabilities: bool = False,
-    overlap: float = 0.5,
-    mirror_axes: Sequence[int] = (0, 1, 2),
-    device: torch.device | str = "auto",
-    progress: bool = True,
-    sw_batch_size: int = 1,
-    autocast: bool = False,
+    options: PredictOptions = PredictOptions(),
     spacing: tuple[float, float, float] | None = None,
-    thresholds: Sequence[float] = (0.5,),
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Predict every case of ``input_dir`` into ``output_dir``.
 
@@ -471,17 +311,10 @@ def predict_folder(
         model: a :class:`FineTunedModel`, or a run directory / checkpoint file (:func:`load_finetuned`).
         input_dir: folder of volumes (or one file, or an nnU-Net raw dataset); see :func:`find_inputs`.
         output_dir: where ``<case>.nii.gz`` (and ``<case>.npz``) and ``predict.json`` go (created).
-        save_probabilities: also write the class probabilities on the input grid.
-        overlap: sliding-window overlap in [0, 1).
-        mirror_axes: mirroring TTA axes (``()``: off; ``(0, 1, 2)``: 8 passes per tile).
-        device: "auto" (CUDA if available), "cpu", "cuda", "cuda:N". The network is moved there.
-        progress: tqdm bar over the cases (stderr).
-        sw_batch_size: tiles per forward pass.
-        autocast: bfloat16 autocast on CUDA.
+        options: overlap, mirroring, tile batch, autocast, device ("auto": CUDA if available; the
+            network is moved there), probabilities, agglomeration thresholds (:class:`PredictOptions`).
         spacing: (x, y, z) mm for TIFF/Zarr inputs without spacing (default: the plan's input spacing).
-        thresholds: affinity models only: agglomeration thresholds; the first one's instance map is
-            ``<case>.nii.gz``, every one's is ``t<threshold>/<case>.nii.gz``. Mirroring is not used for
-            affinities (a flip turns an offset around).
+        progress: tqdm bar over the cases (stderr).
 
     Returns:
         the summary (also written to ``output_dir/predict.json``): ``{"input", "output", "model",
@@ -490,20 +323,18 @@ def predict_folder(
 
     Raises:
         ValueError: ``output_dir`` is an existing file or cannot be written (checked before the model
-            is loaded), bad arguments, no input volumes.
+            is loaded), bad options, no input volumes.
         OSError: an output file cannot be written (permission denied, read-only file system, disk
             full): the run stops there instead of predicting cases it cannot save.
     """
     from tqdm import tqdm
 
     t0 = time.perf_counter()
-    if not 0 <= overlap < 1:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap!r}")
-    if sw_batch_size < 1:
-        raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
+    options.check()
     # the output folder is checked (not a file, writable) before the model is loaded or a case predicted
     output_dir = check_output_dir(output_dir, "output folder")
-    dev = resolve_device(device)
+    dev = resolve_device(options.device)
+    options = replace(options, device=dev)
     if not isinstance(model, FineTunedModel):
         model = load_finetuned(model, dev)
     model.network.to(dev).eval()
@@ -514,21 +345,7 @@ def predict_folder(
     predicted, failed = [], []
     bar = tqdm(cases, desc="predict", unit="case", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     for case in bar:
-        try:
-            result = predict_case(model, case, output_dir, save_probabilities, overlap, mirror_axes, dev,
-                                  sw_batch_size, autocast, thresholds)
-        except Exception as e:  # noqa: BLE001 - an odd file (or a bug) must not stop the run
-            if isinstance(e, torch.cuda.OutOfMemoryError):
-                torch.cuda.empty_cache()
-            if _output_unwritable(e, output_dir):  # every later case would fail the same way, after its work
-                raise
-            path = case.images[0] if case.images else case.id
-            if isinstance(e, MemoryError):
-                reason = "out of memory while predicting"
-            else:
-                reason = describe_failure(e)
-            result = {"case": case.id, "files": list(case.images), "path": path,
-                      "reason": f"{Path(path).name}: {reason}"}
+        result = _predict_or_report(model, case, output_dir, options)
         (failed if "reason" in result else predicted).append(result)
         bar.set_postfix(failed=len(failed), refresh=False)
     bar.close()
@@ -542,14 +359,21 @@ def predict_folder(
         "n_failed": len(failed),
         "predicted": predicted,
         "failed": failed,
-        "settings": {
-            "overlap": float(overlap), "mirror_axes": sorted(int(a) for a in mirror_axes), "device": str(dev),
-            "patch_size": list(model.patch_size), "sw_batch_size": int(sw_batch_size), "autocast": bool(autocast),
-            "save_probabilities": bool(save_probabilities), "labels": model.labels, "channels": list(model.channels),
-            "plan": model.plan.to_dict(), "task": model.task,
-            "thresholds": [float(t) for t in thresholds] if model.task == "affinities" else None,
-        },
+        "settings": _settings(model, options),
         "seconds": round(time.perf_counter() - t0, 3),
     }
     write_json_atomic(output_dir / "predict.json", summary)
     return summary
+
+
+def _settings(model: FineTunedModel, options: PredictOptions) -> dict[str, Any]:
+    """predict.json's ``settings``: the options (``options.device`` resolved) and the model's description."""
+    return {
+        "overlap": float(options.overlap), "mirror_axes": sorted(int(a) for a in options.mirror_axes),
+        "device": str(options.device), "patch_size": list(model.patch_size),
+        "sw_batch_size": int(options.sw_batch_size), "autocast": bool(options.autocast),
+        "save_probabilities": bool(options.save_probabilities), "labels": model.labels,
+        "channels": list(model.channels), "plan": model.plan.to_dict(), "task": model.task,
+        "thresholds": ([float(t) for t in options.thresholds] if CASE_PREDICTORS[model.task].thresholds
+                       else None),
+    }

@@ -151,7 +151,6 @@ def sliding_window_predict(
     device: torch.device | str | None = None,
     out_device: torch.device | str | None = None,
     autocast: bool = False,
-    progress: bool = False,
 ) -> Tensor:
     """Logits of ``network`` over a whole volume, stitched from Gaussian-weighted tiles.
 
@@ -169,7 +168,6 @@ def sliding_window_predict(
         out_device: where the logits and weights are accumulated (default: ``device``; "cpu" saves
             accelerator memory for large volumes).
         autocast: run the network under bfloat16 autocast (CUDA only; accumulation stays float32).
-        progress: show a tqdm bar over the tile batches (stderr).
 
     Returns:
         float32 logits ``(B, K, X, Y, Z)`` (or ``(K, X, Y, Z)`` for a 4D input) on ``out_device``.
@@ -203,42 +201,45 @@ def sliding_window_predict(
 
         slices = tile_slices(padded, patch, overlaps)
         weight = gaussian_importance_map(patch, sigma_scale, out_device)
-        tile_weight = weight if len(flips) == 1 else weight / len(flips)
         wsum = torch.zeros(padded, dtype=torch.float32, device=out_device)
         for s in slices:
             wsum[s] += weight
-
-        n_batch = x.shape[0]
-        jobs = [(b, s) for b in range(n_batch) for s in slices]
-        chunks = [jobs[i:i + sw_batch_size] for i in range(0, len(jobs), sw_batch_size)]
-        if progress:
-            import sys
-
-            from tqdm import tqdm
-
-            chunks = tqdm(chunks, desc="tiles", unit="batch", file=sys.stderr, leave=False)
         amp = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if use_amp else nullcontext()
-        out = None
-        for chunk in chunks:
-            tiles = torch.stack([x[(b, slice(None)) + s] for b, s in chunk])
-            with amp:
-                logits = None
-                for dims in flips:
-                    y = _first_output(network(torch.flip(tiles, dims) if dims else tiles)).float()
-                    if dims:
-                        y = torch.flip(y, dims)
-                    logits = y if logits is None else logits + y
-            if tuple(logits.shape[2:]) != patch or logits.shape[0] != len(chunk):
-                raise ValueError(
-                    f"the network mapped a tile batch {tuple(tiles.shape)} to {tuple(logits.shape)}; "
-                    f"expected ({len(chunk)}, K, {', '.join(map(str, patch))})"
-                )
-            logits = logits.to(device=out_device)
-            if out is None:
-                out = torch.zeros((n_batch, logits.shape[1], *padded), dtype=torch.float32, device=out_device)
-            for (b, s), y in zip(chunk, logits):
-                out[(b, slice(None)) + s].addcmul_(y, tile_weight)
+        out = _stitch(network, x, slices, weight if len(flips) == 1 else weight / len(flips), flips,
+                      sw_batch_size, amp)
         out.div_(wsum)
         if any(lo) or any(hi):
             out = out[(slice(None), slice(None)) + tuple(slice(a, a + n) for a, n in zip(lo, size))]
     return out[0] if squeeze else out
+
+
+def _stitch(network: Network, x: Tensor, slices: list, tile_weight: Tensor, flips: list[tuple[int, ...]],
+            sw_batch_size: int, amp) -> Tensor:
+    """The weighted sum ``(B, K, *x.shape[2:])`` (on ``tile_weight``'s device) of the network's logits
+    over the tiles ``slices`` of ``x``, ``sw_batch_size`` tiles per pass, each averaged over ``flips``."""
+    patch = tuple(int(p) for p in tile_weight.shape)
+    out_device = tile_weight.device
+    n_batch = x.shape[0]
+    jobs = [(b, s) for b in range(n_batch) for s in slices]
+    out = None
+    for i in range(0, len(jobs), sw_batch_size):
+        chunk = jobs[i:i + sw_batch_size]
+        tiles = torch.stack([x[(b, slice(None)) + s] for b, s in chunk])
+        with amp:
+            logits = None
+            for dims in flips:
+                y = _first_output(network(torch.flip(tiles, dims) if dims else tiles)).float()
+                if dims:
+                    y = torch.flip(y, dims)
+                logits = y if logits is None else logits + y
+        if tuple(logits.shape[2:]) != patch or logits.shape[0] != len(chunk):
+            raise ValueError(
+                f"the network mapped a tile batch {tuple(tiles.shape)} to {tuple(logits.shape)}; "
+                f"expected ({len(chunk)}, K, {', '.join(map(str, patch))})"
+            )
+        logits = logits.to(device=out_device)
+        if out is None:
+            out = torch.zeros((n_batch, logits.shape[1], *x.shape[2:]), dtype=torch.float32, device=out_device)
+        for (b, s), y in zip(chunk, logits):
+            out[(b, slice(None)) + s].addcmul_(y, tile_weight)
+    return out

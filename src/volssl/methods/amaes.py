@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from volssl.config import MethodConfig, RunConfig, register_method_config
+from volssl.config import MethodConfig, RunConfig
 from volssl.data.intensity_artifacts import ArtifactConfig, artifact_augment
 from volssl.methods import MethodOutput
 from volssl.methods.masking import token_mask
@@ -39,9 +39,10 @@ from volssl.methods.s3d import reconstruction_loss
 from volssl.models.registry import build_model
 from volssl.models.resenc_unet import init_weights
 from volssl.models.unet import UNetDecoder
+from volssl.methods import register_method
+from volssl.methods.base import MethodBase
 
 
-@register_method_config
 @dataclass
 class AMAESConfig(MethodConfig):
     """AMAES settings (Sec. 3.1 and Appendix A; the Table 2 / skip-connection ablations as switches)."""
@@ -66,7 +67,8 @@ class EncoderBackbone(nn.Module):
         return self.encoder(x)
 
 
-class AMAES(nn.Module):
+@register_method(AMAESConfig)
+class AMAES(MethodBase):
     """Masked autoencoder with augmentation reversal on a U-Net-compatible encoder.
 
     Args:

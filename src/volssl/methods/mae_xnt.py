@@ -22,14 +22,15 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from volssl.config import MethodConfig, RunConfig, register_method_config
+from volssl.config import MethodConfig, RunConfig
 from volssl.methods import MethodOutput
 from volssl.models.pos_embed import sincos_pos_embed_3d
 from volssl.models.registry import build_model
 from volssl.models.vit import LN_EPS, ViTEncoder3D, init_vit_weights, transformer_block
+from volssl.methods import register_method
+from volssl.methods.base import MethodBase
 
 
-@register_method_config
 @dataclass
 class MAEXNTConfig(MethodConfig):
     """MAE-XNT settings (public code defaults: decoder 2 blocks of width 768 with 12 heads)."""
@@ -59,7 +60,8 @@ class EncoderOnly(nn.Module):
         return self.encoder(x, ids_keep)
 
 
-class MAEXNT(nn.Module):
+@register_method(MAEXNTConfig)
+class MAEXNT(MethodBase):
     """Masked autoencoder on a 3D ViT (see the module docstring).
 
     Args:

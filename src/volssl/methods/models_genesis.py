@@ -19,17 +19,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from volssl.config import MethodConfig, RunConfig, register_method_config
+from volssl.config import MethodConfig, RunConfig
 from volssl.data.genesis_transforms import apply_genesis, draw_genesis, minmax_rescale
 from volssl.methods import MethodOutput
 from volssl.methods.backbone import check_stride_divisible, method_on_backbone
 from volssl.methods.masking import _rows
 from volssl.models.resenc_unet import ResEncUNet
+from volssl.methods import register_method
+from volssl.methods.base import MethodBase
 
 SEED_BOUND = 2**62
 
 
-@register_method_config
 @dataclass
 class ModelsGenesisConfig(MethodConfig):
     """Models Genesis settings: the official ``generate_pair`` probabilities (ModelsGenesis ``config.py``)."""
@@ -45,7 +46,8 @@ class ModelsGenesisConfig(MethodConfig):
     bezier_points: int = 100_000  # samples of the Bezier curve (official nTimes)
 
 
-class ModelsGenesis(nn.Module):
+@register_method(ModelsGenesisConfig)
+class ModelsGenesis(MethodBase):
     """Models Genesis restoration on the ResEnc U-Net.
 
     Per step, each sample is min-max rescaled to [0, 1] and deformed (flip, local shuffling, Bezier

@@ -11,14 +11,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from volssl.config import MethodConfig, RunConfig, register_method_config
+from volssl.config import MethodConfig, RunConfig
 from volssl.methods import MethodOutput
 from volssl.methods.backbone import method_on_backbone
 from volssl.methods.masking import block_mask
 from volssl.models.resenc_unet import ResEncUNet, init_weights
+from volssl.methods import register_method
+from volssl.methods.base import MethodBase
 
 
-@register_method_config
 @dataclass
 class S3DConfig(MethodConfig):
     """S3D settings (paper: "Revisiting MAE pre-training for 3D medical image segmentation").
@@ -39,7 +40,8 @@ class S3DConfig(MethodConfig):
 
 
 # --------------------------------------------------------------------------- the method
-class S3D(nn.Module):
+@register_method(S3DConfig)
+class S3D(MethodBase):
     """Sparse masked autoencoder on the Residual Encoder U-Net (S3D / Spark3D).
 
     Per step: a block mask is drawn on the encoder's bottleneck grid (blocks of ``mask_block``

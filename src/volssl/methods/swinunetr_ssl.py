@@ -49,17 +49,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from volssl.config import MethodConfig, RunConfig, register_method_config
+from volssl.config import MethodConfig, RunConfig
 from volssl.methods import MethodOutput
 from volssl.methods.backbone import method_on_backbone
 from volssl.models.swinunetr import SwinUNETRNet
+from volssl.methods import register_method
+from volssl.methods.base import MethodBase
 
 HEAD_TOKENS = ("first", "mean")
 RECON_HEADS = ("vae", "deconv")
 N_ROTATIONS = 4
 
 
-@register_method_config
 @dataclass
 class SwinUNETRSSLConfig(MethodConfig):
     """SwinUNETR SSL settings (Tang et al. 2022; defaults: the authors' code)."""
@@ -203,7 +204,8 @@ def reconstruction_head(kind: str, dim: int, out_channels: int) -> nn.Sequential
 
 
 # --------------------------------------------------------------------------- the method
-class SwinUNETRSSL(nn.Module):
+@register_method(SwinUNETRSSLConfig)
+class SwinUNETRSSL(MethodBase):
     """Rotation + contrastive + inpainting pre-training of the SwinUNETR encoder (see the module docstring).
 
     Args:

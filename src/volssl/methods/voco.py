@@ -36,16 +36,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from volssl.config import MethodConfig, RunConfig, register_method_config
+from volssl.config import MethodConfig, RunConfig
 from volssl.methods import MethodOutput
 from volssl.methods.backbone import method_on_backbone
 from volssl.methods.masking import _rows
 from volssl.models.resenc_unet import ResEncUNet
+from volssl.methods import register_method
+from volssl.methods.base import MethodBase
 
 POOLS = ("all", "bottleneck")
 
 
-@register_method_config
 @dataclass
 class VoCoConfig(MethodConfig):
     """VoCo settings (S3D paper, Appendix A.3; official Luffy03/VoCo ``voco_head.py``)."""
@@ -140,7 +141,8 @@ def voco_loss(logits: Tensor, labels: Tensor, bases: Tensor, reg_weight: float =
     return (pos + neg + reg_weight * reg).mean()
 
 
-class VoCo(nn.Module):
+@register_method(VoCoConfig)
+class VoCo(MethodBase):
     """VoCo pre-training of the ResEnc encoder (the U-Net's decoder is kept, frozen and unused).
 
     Randomness, drawn for the ``global_batch`` samples from the global torch RNG, rows ``[o, o + B)``

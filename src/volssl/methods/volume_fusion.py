@@ -18,14 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from volssl.config import MethodConfig, RunConfig, register_method_config
+from volssl.config import MethodConfig, RunConfig
 from volssl.methods import MethodOutput
 from volssl.methods.backbone import check_stride_divisible, method_on_backbone
 from volssl.methods.masking import _rows
 from volssl.models.resenc_unet import ResEncUNet
+from volssl.methods import register_method
+from volssl.methods.base import MethodBase
 
 
-@register_method_config
 @dataclass
 class VolumeFusionConfig(MethodConfig):
     """VolumeFusion settings (S3D paper, Appendix A.2; Wang et al., 2023)."""
@@ -39,7 +40,8 @@ class VolumeFusionConfig(MethodConfig):
     ce_weight: float = 1.0
 
 
-class VolumeFusion(nn.Module):
+@register_method(VolumeFusionConfig)
+class VolumeFusion(MethodBase):
     """VolumeFusion pre-training on the ResEnc U-Net (K output channels).
 
     Pairs. Row ``j`` of the local batch is fused with row ``j ^ 1`` (rows 0-1, 2-3, ...; with an odd

@@ -164,6 +164,8 @@ class MedNeXt(nn.Module):
                  strides: Sequence[int], expansion: int | Sequence[int] = 2, decoder: str = "unet",
                  decoder_blocks: Sequence[int] | None = None, decoder_expansion: int | Sequence[int] | None = None,
                  kernel_size: int = 3, residual: bool = True, deep_supervision: bool = False):
+        """Exempt from the size rule: the 12 arguments (class docstring) mirror MONAI's MedNeXt arguments,
+        and the registry calls every builder with the same flat ``(in, out, features, blocks, strides, **options)``."""
         super().__init__()
         n = len(features)
         if len(strides) != n or [int(s) for s in strides] != [1] + [2] * (n - 1):

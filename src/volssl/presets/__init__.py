@@ -1,7 +1,8 @@
 """Named presets: the papers' tables as data, one module per paper or baseline family.
 
 Importing this package imports every module in it, and each module registers its presets with
-:func:`volssl.config.register_preset` (and, through its imports, the method configs they use).
+:func:`volssl.config.register_preset` (and, through its imports, the methods they use) and the
+benchmark arms of its paper with :func:`volssl.presets.arms.register_arm`.
 Each real preset has a ``-tiny`` CPU sibling that runs the same code path with small widths,
 patches and step counts. A preset named after a paper configuration (``s3d-b``) holds that paper's
 values, not ours.
@@ -11,6 +12,8 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-    if not _info.name.startswith("_"):
-        importlib.import_module(f"{__name__}.{_info.name}")
+#: the papers' modules first (their arms lead ``volssl benchmark --list``), then any other module, by name
+_FIRST = ("s3d", "baselines", "amaes", "swinunetr", "mae_xnt")
+for _name in sorted((m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")),
+                    key=lambda n: (_FIRST.index(n) if n in _FIRST else len(_FIRST), n)):
+    importlib.import_module(f"{__name__}.{_name}")

@@ -29,6 +29,7 @@ from volssl.config import AugmentConfig, DataConfig, ModelConfig, OptimConfig, R
 from volssl.data.intensity_artifacts import ArtifactConfig
 from volssl.methods.amaes import AMAESConfig
 from volssl.presets._tiny import tiny as _tiny
+from volssl.presets.arms import Arm, register_arm
 
 BRAINS_45K_VOLUMES = 44_756  # Table 1
 EPOCHS = 100
@@ -107,3 +108,13 @@ for _name, _fn in (("amaes-unet-b", amaes_unet_b), ("amaes-unet-xl", amaes_unet_
                    ("amaes-mednext-m", amaes_mednext_m), ("amaes-mednext-l", amaes_mednext_l),
                    ("amaes-unet-b-no-intensity", amaes_unet_b_no_intensity)):
     register_preset(f"{_name}-tiny")(lambda fn=_fn: _amaes_tiny(fn()))
+
+
+# ------------------------------------------------------------------ benchmark arms
+register_arm(
+    Arm("amaes-unet", "AMAES (U-Net B)", "amaes", preset="amaes-unet-b", plan="amaes", twin="scratch-unet"),
+    Arm("amaes-unet-no-intensity", "AMAES without intensity augmentation (U-Net B)", "amaes",
+        preset="amaes-unet-b-no-intensity", plan="amaes", twin="scratch-unet"),
+    Arm("scratch-unet", "U-Net B from scratch (AMAES schedule)", "scratch-amaes-schedule", plan="amaes",
+        arch="unet-b"),
+)

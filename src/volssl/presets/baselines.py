@@ -14,6 +14,7 @@ from volssl.methods.models_genesis import ModelsGenesisConfig
 from volssl.methods.voco import VoCoConfig
 from volssl.methods.volume_fusion import VolumeFusionConfig
 from volssl.presets._tiny import tiny as _tiny
+from volssl.presets.arms import Arm, register_arm
 
 
 def _appendix_a_optim() -> OptimConfig:
@@ -81,3 +82,11 @@ def voco_tiny() -> RunConfig:
     cfg.method.proj_hidden = 512
     cfg.method.proj_dim = 512
     return cfg
+
+
+# ------------------------------------------------------------------ benchmark arms (the S3D paper's SSL baselines)
+register_arm(
+    Arm("models-genesis", "Models Genesis (ResEnc)", "s3d", preset="models-genesis", twin="no-fixed"),
+    Arm("volume-fusion", "VolumeFusion (ResEnc)", "s3d", preset="volume-fusion", twin="no-fixed"),
+    Arm("voco", "VoCo (ResEnc encoder)", "s3d-encoder", preset="voco", own_pretrain_patch=True, twin="no-fixed"),
+)

@@ -25,6 +25,7 @@ from volssl.config import (
 )
 from volssl.methods.mae_xnt import MAEXNTConfig
 from volssl.presets._tiny import tiny as _tiny
+from volssl.presets.arms import Arm, register_arm
 
 CROPS_PER_EPOCH = 960_000  # public code: one epoch = 960k crops
 EPOCHS = 300
@@ -97,3 +98,11 @@ def _register_row(name: str, ratio: float, arch: str, batch: int) -> None:
 
 for _name, (_ratio, _arch, _batch) in _ROWS.items():
     _register_row(_name, _ratio, _arch, _batch)
+
+
+# ------------------------------------------------------------------ benchmark arms
+register_arm(
+    Arm("mae-xnt", "MAE-XNT (ViT-B MAE, UNETR)", "mae-xnt", preset="mae-xnt", plan="xnt", twin="scratch-vit"),
+    Arm("scratch-vit", "ViT-B UNETR from scratch (MAE-XNT schedule)", "scratch-mae-xnt-schedule", plan="xnt",
+        arch="vit-b-unetr"),
+)

@@ -12,6 +12,7 @@ from volssl.config import (
 )
 from volssl.methods.s3d import S3DConfig
 from volssl.presets._tiny import tiny as _tiny
+from volssl.presets.arms import Arm, register_arm
 
 
 # ------------------------------------------------------------------ S3D (Table 1 / Sec. 3)
@@ -50,3 +51,11 @@ def s3d_l_tiny() -> RunConfig:
     cfg = _tiny(s3d_l())
     cfg.data.batch_size = 4
     return cfg
+
+
+# ------------------------------------------------------------------ benchmark arms (Table 1: S3D and its baselines)
+register_arm(
+    Arm("s3d", "S3D (sparse MAE, ResEnc)", "s3d", preset="s3d-b", twin="no-fixed"),
+    Arm("no-fixed", "No (Fixed): ResEnc from scratch, pre-training plan", "scratch-s3d-schedule", arch="resenc-l"),
+    Arm("no-dyn", "No (Dyn.): ResEnc from scratch, nnU-Net-style dynamic plan", "scratch-dynamic", plan="dynamic"),
+)

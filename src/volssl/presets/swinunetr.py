@@ -22,6 +22,7 @@ from volssl.config import (
 )
 from volssl.methods.swinunetr_ssl import SwinUNETRSSLConfig
 from volssl.presets._tiny import tiny as _tiny
+from volssl.presets.arms import Arm, register_arm
 
 
 @register_preset("swinunetr-ssl")
@@ -47,3 +48,13 @@ def swinunetr_ssl_tiny() -> RunConfig:
     cfg.optim.lr = 4e-4
     cfg.optim.weight_decay = 0.1
     return cfg
+
+
+# ------------------------------------------------------------------ benchmark arms
+# MONAI's SwinUNETR instance-normalises its 1/32-resolution features: a 32^3 patch (1^3) cannot train
+register_arm(
+    Arm("swinunetr-ssl", "SwinUNETR self-supervised (rotation + contrastive + inpainting)", "swinunetr",
+        preset="swinunetr-ssl", plan="amaes", min_patch=64, twin="scratch-swinunetr"),
+    Arm("scratch-swinunetr", "SwinUNETR from scratch", "scratch-swinunetr", plan="amaes", arch="swinunetr",
+        min_patch=64),
+)

@@ -298,13 +298,47 @@ def make_report(
     if not runs:
         return _instance_only_report(instance_runs, Path(out_dir), notes)
     out_dir.mkdir(parents=True, exist_ok=True)
-    files: dict[str, Path] = {}
+    out = _Outputs(out_dir)
+    _write_results(runs, out, notes)
+    table, table_md = _write_main_table(runs, out, notes)
+    stability, n_cases = _write_rank_stability(runs, table, n_boot, seed, out, notes)
+    low = low_data_rows(runs)
+    _write_csv(out("low_data.csv"), ["method", "dataset", "n_train", "pretrained", "n_runs", "dice_mean",
+                                     "dice_std", "nsd_mean", "nsd_std"], low)
+    _plot_low_data(out("low_data.png"), low, methods=_method_order(runs))
 
-    def out(name: str) -> Path:
-        files[name] = out_dir / name
-        return files[name]
+    md = _report_md(runs, table, table_md, stability, n_cases, n_boot, seed, low, notes)
+    paired_rows: list[dict[str, Any]] = []
+    if twins:
+        paired_rows, paired_md = _write_paired(runs, twins, seed, evidence_note, out)
+        md += paired_md
+    probe_rows, probe_md = _write_probes(probe_dirs, out)
+    md += probe_md
+    if instance_runs:
+        md += "\n" + _instance_section(instance_runs, out("instances.csv"))
+    write_text_atomic(out("report.md"), md)
+    return {
+        "runs": len(runs), "methods": table["methods"], "datasets": table["datasets"],
+        "average_rank": table["avg_rank"], "rank_stability": stability,
+        "files": {k: str(v) for k, v in out.files.items()}, "notes": notes, "paired": paired_rows,
+        "probe": probe_rows,
+    }
 
-    # results.csv
+
+class _Outputs:
+    """The files of a report: ``out(name)`` is ``out_dir / name``, recorded in ``files`` in call order."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.dir = out_dir
+        self.files: dict[str, Path] = {}
+
+    def __call__(self, name: str) -> Path:
+        self.files[name] = self.dir / name
+        return self.files[name]
+
+
+def _write_results(runs: Sequence[Run], out: _Outputs, notes: list[str]) -> None:
+    """results.csv (one row per run); a note per run with missing or unscored cases."""
     fields = ["run", "method", "dataset", "n_train", "seed", "fold", "pretrained", "dice", "nsd",
               "n_cases", "n_missing", "n_errors"]
     _write_csv(out("results.csv"), fields, [
@@ -316,10 +350,11 @@ def make_report(
             notes.append(f"{r.path}: {r.n_missing} case(s) without prediction, {r.n_errors} not scored "
                          "(see its metrics.json)")
 
-    # main table
+
+def _write_main_table(runs: Sequence[Run], out: _Outputs, notes: list[str]) -> tuple[dict[str, Any], str]:
+    """table.csv and table.md (:func:`main_table`); returns ``(the table, its markdown)``."""
     table = main_table(runs)
-    methods, datasets, ranked = table["methods"], table["datasets"], table["ranked_datasets"]
-    excluded = [d for d in datasets if d not in ranked]
+    excluded = [d for d in table["datasets"] if d not in table["ranked_datasets"]]
     if excluded:
         notes.append("left out of averages and ranks (not every method has a score there): " + ", ".join(excluded))
     _write_csv(out("table.csv"), ["method", "dataset", "n_train", "n_runs", "dice", "nsd"], [
@@ -327,14 +362,23 @@ def make_report(
          "dice": c["dice"], "nsd": c["nsd"]} for (m, d), c in table["cells"].items()])
     table_md = "\n\n".join(_markdown_table(table, k) for k in METRICS) + "\n"
     write_text_atomic(out("table.md"), table_md)
+    return table, table_md
 
-    # rank stability
+
+def _write_rank_stability(runs: Sequence[Run], table: dict[str, Any], n_boot: int, seed: int, out: _Outputs,
+                          notes: list[str]) -> tuple[dict[str, dict[str, float]], dict[str, int]]:
+    """ranks.csv and rank_stability.png (bootstrap of the paired case scores).
+
+    Returns:
+        ``(stability, n_cases)``: per method the median aggregated Dice rank and the probability of
+        rank 1; per dataset the number of cases every method scored.
+    """
     scores, n_cases = paired_case_scores(runs, table)
     boot: dict[str, BootstrapRanks] = {}
     if scores["dice"]:
         for k in METRICS:
             boot[k] = bootstrap_ranks(scores[k], n_boot=n_boot, seed=seed)
-    no_cases = [d for d in ranked if d not in n_cases]
+    no_cases = [d for d in table["ranked_datasets"] if d not in n_cases]
     if no_cases:
         notes.append("left out of the rank stability analysis (no case scored by every method): " + ", ".join(no_cases))
     rank_rows_ = []
@@ -351,40 +395,33 @@ def make_report(
         for j, m in enumerate(b.methods):
             stability[m] = {"median": float(np.median(b.aggregated[:, j])),
                             "p_best": float(np.mean(b.aggregated[:, j] == 1.0))}
-    _plot_rank_stability(out("rank_stability.png"), boot.get("dice"), methods, n_cases, n_boot)
+    _plot_rank_stability(out("rank_stability.png"), boot.get("dice"), table["methods"], n_cases, n_boot)
+    return stability, n_cases
 
-    # low-data curves
-    low = low_data_rows(runs)
-    _write_csv(out("low_data.csv"), ["method", "dataset", "n_train", "pretrained", "n_runs", "dice_mean",
-                                     "dice_std", "nsd_mean", "nsd_std"], low)
-    _plot_low_data(out("low_data.png"), low, methods=_method_order(runs))
 
-    md = _report_md(runs, table, table_md, stability, n_cases, n_boot, seed, low, notes)
-    paired_rows: list[dict[str, Any]] = []
-    if twins:
-        from volssl.reports.paired import paired_differences, paired_markdown
+def _write_paired(runs: Sequence[Run], twins: Mapping[str, str], seed: int, evidence_note: str,
+                  out: _Outputs) -> tuple[list[dict[str, Any]], str]:
+    """paired.csv (:func:`volssl.reports.paired.paired_differences`); returns ``(rows, markdown section)``."""
+    from volssl.reports.paired import paired_differences, paired_markdown
 
-        paired_rows = paired_differences(runs, twins, seed=seed)
-        _write_csv(out("paired.csv"), ["method", "twin", "dataset", "n_train", "n_pairs", "method_dice", "twin_dice",
-                                       "diff", "ci_low", "ci_high", "verdict"], paired_rows)
-        if paired_rows:
-            md += "\n" + paired_markdown(paired_rows, evidence_note)
+    paired_rows = paired_differences(runs, twins, seed=seed)
+    _write_csv(out("paired.csv"), ["method", "twin", "dataset", "n_train", "n_pairs", "method_dice", "twin_dice",
+                                   "diff", "ci_low", "ci_high", "verdict"], paired_rows)
+    return paired_rows, ("\n" + paired_markdown(paired_rows, evidence_note) if paired_rows else "")
+
+
+def _write_probes(probe_dirs: Sequence[str | os.PathLike], out: _Outputs) -> tuple[list[dict[str, Any]], str]:
+    """probe_curves.png and probe.csv of the pre-training runs under ``probe_dirs`` (when any has a
+    probe.csv); returns ``(summary rows, markdown section)``."""
     from volssl.reports.paired import find_probe_runs, plot_probe_curves, probe_markdown, probe_summary
 
     probe_runs = find_probe_runs(probe_dirs)
     probe_rows = probe_summary(probe_runs)
-    if probe_rows:
-        plot_probe_curves(probe_runs, out("probe_curves.png"))
-        _write_csv(out("probe.csv"), list(probe_rows[0]), probe_rows)
-        md += "\n" + probe_markdown(probe_rows)
-    if instance_runs:
-        md += "\n" + _instance_section(instance_runs, out("instances.csv"))
-    write_text_atomic(out("report.md"), md)
-    return {
-        "runs": len(runs), "methods": methods, "datasets": datasets,
-        "average_rank": table["avg_rank"], "rank_stability": stability,
-        "files": {k: str(v) for k, v in files.items()}, "notes": notes, "paired": paired_rows, "probe": probe_rows,
-    }
+    if not probe_rows:
+        return probe_rows, ""
+    plot_probe_curves(probe_runs, out("probe_curves.png"))
+    _write_csv(out("probe.csv"), list(probe_rows[0]), probe_rows)
+    return probe_rows, "\n" + probe_markdown(probe_rows)
 
 
 def _markdown_table(table: dict[str, Any], metric: str) -> str:

@@ -1,7 +1,8 @@
-"""The pre-training loop shared by every method: ``pretrain(cfg, data_dir, out_dir, resume)``.
+"""Pre-training: ``pretrain(cfg, data_dir, out_dir, resume)``, and the run folder's life cycle (open, resume, overwrite).
 
-:func:`run_loop` is the step loop itself (resume, logging, checkpoints, signals); ``pretrain`` plugs
-a method into it and ``volssl.finetuning.finetune`` a segmentation network and its loss.
+``pretrain`` builds a :class:`~volssl.training.loop.StepJob` for a method and hands it to
+:func:`~volssl.training.loop.run_loop` (resume, logging, checkpoints, signals), which
+``volssl.finetuning.finetune`` also uses for a segmentation network and its loss.
 
 One step: fetch this rank's rows of the next global batch, augment them spatially
 (:mod:`volssl.training.augment`), run the method under autocast, back-propagate (through a gradient
@@ -30,17 +31,12 @@ command with ``--resume`` to continue. A second Ctrl-C aborts at once without sa
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
-import math
 import os
 import random
-import signal
 import sys
-import threading
-import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -48,19 +44,16 @@ import torch
 from volssl.config import RunConfig, TrainConfig, config_from_dict, config_to_dict
 from volssl.training import distributed as D
 from volssl.training.augment import spatial_augment
-from volssl.training.checkpoint import TAGS, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from volssl.training.logging import ScalarLogger, save_preview
-from volssl.training.optim import StepSchedule, build_optimizer, clip_gradients
+from volssl.training.checkpoint import TAGS, load_checkpoint
+from volssl.training.loop import (  # noqa: F401  (run_loop, StepJob, EMA_DECAY: this module's API before loop.py)
+    EMA_DECAY, BatchFactory, StepForward, StepJob, log as _log, run_loop, trainable_parameters,
+)
+from volssl.training.optim import StepSchedule, build_optimizer
 from volssl.util.atomic import write_json_atomic
-
-#: ``batches(start_batch, rank, world_size)`` -> iterator over this rank's rows of global batches
-#: ``start_batch, start_batch + 1, ...`` (dicts with "image" (B/W, C, *patch)); see data/patches.py.
-BatchFactory = Callable[[int, int, int], Iterable[dict]]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 AUGMENT_STREAM = 1
 VAL_STREAM = 2
-EMA_DECAY = 0.98  # smoothing of the logged loss_ema and of the 'best' criterion
 VAL_BATCHES = 2
 #: fields that may differ between a run and its resumption (they do not change the maths)
 RESUME_MUTABLE = {
@@ -112,13 +105,6 @@ def make_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
-def _accepts_rows(method: torch.nn.Module) -> bool:
-    params = inspect.signature(method.forward).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return True
-    return "sample_offset" in params and "global_batch" in params
-
-
 def _config_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between the saved config ``a`` and the new one ``b``; a key the
     saved config lacks (a field added to volssl after the run was saved) is not a difference."""
@@ -165,39 +151,6 @@ def _default_batches(cfg: RunConfig, data_dir: str | os.PathLike, pin_memory: bo
                            rank=rank, world_size=world_size, pin_memory=pin_memory)
 
     return factory, plan
-
-
-class _Signals:
-    """SIGTERM / SIGUSR1 / SIGINT -> a flag checked between steps (second SIGINT: KeyboardInterrupt)."""
-
-    def __init__(self) -> None:
-        self.received: str | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> "_Signals":
-        if threading.current_thread() is threading.main_thread():
-            for name in ("SIGTERM", "SIGUSR1", "SIGINT"):
-                sig = getattr(signal, name, None)
-                if sig is not None:
-                    self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        name = signal.Signals(signum).name
-        if name == "SIGINT" and self.received == "SIGINT":
-            raise KeyboardInterrupt
-        self.received = self.received or name
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-def _log(msg: str, info: D.DistInfo, name: str = "pretrain") -> None:
-    if info.is_main:
-        from tqdm import tqdm
-
-        tqdm.write(f"volssl {name}: {msg}", file=sys.stderr)
 
 
 def check_train_config(tc: TrainConfig) -> None:
@@ -419,242 +372,6 @@ def seed_everything(seed: int, device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The parameters of ``module`` with ``requires_grad`` (what the optimiser steps and clipping sees)."""
-    return [p for p in module.parameters() if p.requires_grad]
-
-
-#: ``forward(model, batch, step) -> (loss, previews)``: one training step's loss (a scalar) for this
-#: rank's ``batch`` of global batch ``step``, run by the loop's ``model`` (DDP / compiled wrapper);
-#: ``previews`` maps names to ``(B, 1, *patch)`` tensors (see logging.py; {} for none).
-StepForward = Callable[[torch.nn.Module, dict, int], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
-
-
-# --------------------------------------------------------------------------- the loop
-def run_loop(
-    out: str | os.PathLike,
-    tc: TrainConfig,
-    *,
-    module: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    schedule: StepSchedule,
-    scaler: torch.amp.GradScaler,
-    batches: BatchFactory,
-    forward: StepForward,
-    payload: Callable[[str], dict[str, Any]],
-    config: dict[str, Any],
-    global_batch: int,
-    info: D.DistInfo,
-    device: torch.device,
-    state: dict[str, Any] | None = None,
-    state_key: str = "method_state",
-    grad_clip: float | None = None,
-    validate: Callable[[], float] | None = None,
-    on_step: Callable[[int], bool] | None = None,
-    probe: Callable[[int], dict[str, float | None]] | None = None,
-    probe_every: int = 0,
-    name: str = "pretrain",
-    title: str = "",
-    progress: bool = True,
-) -> dict[str, Any]:
-    """The step loop shared by pre-training and fine-tuning: resume, steps, logs, checkpoints, signals.
-
-    Args:
-        out: the run directory (``config.json``, ``checkpoints/``, ``scalars.csv``, ``tb/``,
-            ``previews/``, ``summary.json``, ``STOPPED.json``).
-        tc: steps, precision, seed and the logging / checkpoint / validation intervals.
-        module: the (unwrapped) module on ``device`` whose trainable parameters ``optimizer`` steps;
-            it is wrapped for DDP (and ``torch.compile`` with ``tc.compile``) here.
-        optimizer, schedule, scaler: the optimiser over ``module``'s parameters, its per-step
-            schedule and the gradient scaler (:func:`make_scaler`).
-        batches: the :data:`BatchFactory`; resuming restarts it at ``start_batch = step``.
-        forward: see :data:`StepForward`; it seeds its own randomness with :func:`step_seed`, applies
-            augmentation and autocast (:func:`autocast_context`).
-        payload: ``payload(tag)`` -> the checkpoint fields of the caller (kind, network, config, ...);
-            the loop adds ``tag``, ``optimizer``, ``scheduler``, ``scaler``, ``step``,
-            ``data_position``, ``world_size``, ``rng`` and ``metrics``.
-        config: the run's configuration as a dict, written to ``out/config.json``.
-        global_batch: samples per step over all ranks (for ``samples_per_s``).
-        info, device: the data-parallel placement and this rank's device.
-        state: the checkpoint to resume from (:func:`open_run`): restores ``module`` from
-            ``state[state_key]``, the optimiser, schedule, scaler, RNG states, loss EMA and best.
-        grad_clip: max global gradient norm (None: none).
-        validate: returns a validation loss (lower is better) every ``tc.val_every`` steps; it
-            drives ``best.pt`` (else the smoothed training loss does).
-        on_step: called with the step index before every step; returns True when it changed which
-            parameters require gradients (the module is then re-wrapped and clipping sees the new set).
-            After every optimiser update the loop calls ``module.after_step(steps_done)`` when the
-            module has such a method (a momentum teacher's EMA update, outside autograd and validation).
-        probe, probe_every: ``probe(steps_done)`` every ``probe_every`` steps and at the end (rank 0;
-            e.g. the representation probe of training/probe.py); its scalars join that step's log row.
-        name: the command, for messages and the progress bar; ``title``: the preview title prefix.
-        progress: show a tqdm progress bar on stderr (rank 0).
-
-    Returns:
-        the summary (also written to ``out/summary.json``): ``status`` ("finished" / "stopped"),
-        ``signal``, ``step``, ``loss``, ``loss_ema``, ``best``, ``seconds`` and the paths written.
-    """
-    out = Path(out)
-    ckpt_dir = out / "checkpoints"
-    latest = ckpt_dir / "latest.pt"
-    start = 0
-    ema: torch.Tensor | None = None
-    best = math.inf
-    if state is not None:
-        module.load_state_dict(state[state_key])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        start = int(state["step"])
-        if start > tc.steps:
-            raise ValueError(f"{latest} is at step {start}, beyond train.steps={tc.steps}")
-        m = state.get("metrics") or {}
-        if m.get("loss_ema") is not None:
-            ema = torch.tensor(float(m["loss_ema"]), device=device)
-        best = float(m.get("best", math.inf))
-        _log(f"resuming {out} at step {start}", info, name)
-
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / "config.json", config)
-        (out / "STOPPED.json").unlink(missing_ok=True)
-
-    def wrap() -> torch.nn.Module:
-        model = D.wrap_ddp(module, info, device)
-        return torch.compile(model) if tc.compile else model
-
-    if on_step is not None and start < tc.steps:
-        on_step(start)
-    model = wrap()
-    params = trainable_parameters(module)
-    after_step = getattr(module, "after_step", None)
-    after_step = after_step if callable(after_step) else None
-    logger = ScalarLogger(out, resume_step=start if start else None) if info.is_main else None
-
-    def checkpoint(tags: list[str], done: int, last_loss: float | None) -> None:
-        if info.is_main:
-            for tag in tags:
-                save_checkpoint(ckpt_dir / f"{tag}.pt", **payload(tag), tag=tag, optimizer=optimizer.state_dict(),
-                                scheduler=schedule.state_dict(), scaler=scaler.state_dict(), step=done,
-                                data_position=done, world_size=info.world_size, rng=rng_state(),
-                                metrics={"loss": last_loss, "loss_ema": None if ema is None else float(ema.item()),
-                                         "best": best})
-        D.barrier(info)
-
-    from tqdm import tqdm
-
-    bar = tqdm(total=tc.steps, initial=start, desc=name, unit="step", dynamic_ncols=True, file=sys.stderr,
-               disable=not (progress and info.is_main), smoothing=0.05)
-    summary: dict[str, Any] = {"status": "finished", "signal": None}
-    t0 = time.perf_counter()
-    t_window, n_window = time.perf_counter(), 0
-    done = start
-    last_loss: float | None = None
-    last_val: float | None = None
-    preview_dir = out / "previews"
-    model.train()
-    try:
-        with _Signals() as sig:
-            it: Iterator[dict] | None = iter(batches(start, info.rank, info.world_size))
-            for step in range(start, tc.steps):
-                if on_step is not None and step > start and on_step(step):
-                    model = wrap()
-                    model.train()
-                    params = trainable_parameters(module)
-                try:
-                    batch = next(it)
-                except (RuntimeError, StopIteration):
-                    if sig.received:  # a loader worker killed by the same signal
-                        break
-                    raise
-                schedule.set_step(step)
-                lr = schedule.last_lr
-                loss, previews = forward(model, batch, step)
-                if loss.ndim != 0:
-                    raise ValueError(f"{type(module).__name__}: the step loss must be a scalar, got shape "
-                                     f"{tuple(loss.shape)}")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                grad_norm = clip_gradients(params, grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                done = step + 1
-                if after_step is not None:  # e.g. a momentum teacher's EMA (methods/voco.py)
-                    after_step(done)
-                schedule.set_step(done)
-                gloss = D.all_reduce_mean(loss.detach().float(), info)
-                ema = gloss.clone() if ema is None else EMA_DECAY * ema + (1 - EMA_DECAY) * gloss
-                n_window += 1
-                bar.update(1)
-
-                last = done == tc.steps
-                val = None
-                if validate is not None and tc.val_every > 0 and (done % tc.val_every == 0 or last):
-                    val = last_val = validate()
-                probed: dict[str, float | None] = {}
-                if probe is not None and probe_every > 0 and (done % probe_every == 0 or last):
-                    if info.is_main:
-                        probed = dict(probe(done))
-                        bar.set_postfix(probe=f"{probed.get('probe_dice', float('nan')):.3f}", refresh=False)
-                    D.barrier(info)
-                if done % tc.log_every == 0 or last or probed:
-                    last_loss = float(gloss.item())
-                    if not math.isfinite(last_loss):
-                        raise FloatingPointError(f"loss is {last_loss} at step {done}; the last good checkpoint "
-                                                 f"is {latest if latest.is_file() else 'none'}")
-                    dt = (time.perf_counter() - t_window) / max(n_window, 1)
-                    t_window, n_window = time.perf_counter(), 0
-                    if logger is not None:
-                        logger.log(done, {"loss": last_loss, "loss_ema": float(ema.item()), "lr": lr,
-                                          "grad_norm": float(grad_norm.item()), "sec_per_step": dt,
-                                          "samples_per_s": global_batch / dt if dt > 0 else None,
-                                          "val_loss": val, **probed})
-                    bar.set_postfix(loss=f"{last_loss:.4f}", ema=f"{float(ema.item()):.4f}", lr=f"{lr:.2e}",
-                                    refresh=False)
-                if info.is_main and previews and (done % tc.preview_every == 0 or last):
-                    shown = {k: v[:2].detach().float().cpu() for k, v in previews.items()}
-                    rgb = save_preview(preview_dir / f"step_{done:06d}.png", shown, title=f"{title} step {done}")
-                    if logger is not None:
-                        logger.image("previews", rgb, done)
-                del loss, previews
-                if done % tc.checkpoint_every == 0 or last:
-                    criterion = last_val if validate is not None and tc.val_every > 0 else float(ema.item())
-                    tags = ["latest"]
-                    if criterion is not None and criterion < best:
-                        best = criterion
-                        tags.append("best")
-                    if last:
-                        tags.append("final")
-                    checkpoint(tags, done, last_loss)
-                if D.any_rank(sig.received is not None, info, device):
-                    break
-            it = None  # shut loader workers down before saving / exiting
-            if done < tc.steps:
-                summary.update(status="stopped", signal=sig.received or "SIGTERM")
-                checkpoint(["latest"], done, last_loss)
-                if info.is_main:
-                    write_json_atomic(out / "STOPPED.json", {"step": done, "signal": summary["signal"],
-                                                             "checkpoint": str(latest)})
-                _log(f"{summary['signal']}: saved step {done} to {latest}; run the same command with --resume "
-                     "to continue", info, name)
-    finally:
-        bar.close()
-        if logger is not None:
-            logger.close()
-
-    summary.update(
-        step=done, loss=last_loss, loss_ema=None if ema is None else float(ema.item()),
-        best=None if math.isinf(best) else best, seconds=time.perf_counter() - t0, run=str(out),
-        checkpoints=str(ckpt_dir), csv=str(out / "scalars.csv"), tensorboard=str(out / "tb"),
-        previews=str(preview_dir), config=str(out / "config.json"),
-    )
-    if info.is_main:
-        write_json_atomic(out / "summary.json", summary)
-    return summary
-
-
 def pretrain(
     cfg: RunConfig,
     data_dir: str | os.PathLike | None,
@@ -695,7 +412,6 @@ def pretrain(
     autocast_context(tc.precision, device)  # validates precision / device early
     info = D.init_distributed(device)
     device = resolve_device(tc.device, info)
-    offset, local_b = D.local_rows(cfg.data.batch_size, info)
     state = open_run(out_dir, config_to_dict(cfg), resume, info, overwrite=overwrite, state_key="method_state")
     seed_everything(tc.seed, device)
 
@@ -712,35 +428,43 @@ def pretrain(
     if plan is None and state is not None:
         plan = state.get("plan")
 
-    params = trainable_parameters(raw)
-    optimizer = build_optimizer(params, cfg.optim)
-    schedule = StepSchedule(optimizer, tc.steps, cfg.optim)
-    scaler = make_scaler(tc.precision, device)
-    rows_kw = _accepts_rows(raw)
-    if not rows_kw and info.enabled:
-        _log("the method's forward() lacks sample_offset/global_batch: masks are drawn per rank, so "
-             "multi-process losses will differ from a single process (see docs/design.md)", info)
-    fwd_kw = {"sample_offset": offset, "global_batch": cfg.data.batch_size} if rows_kw else {}
-    n_params = sum(p.numel() for p in params)
+    n_params = sum(p.numel() for p in trainable_parameters(raw))
     _log(f"{cfg.method.name} on {device} x{info.world_size}, {n_params / 1e6:.2f}M trainable parameters, "
          f"global batch {cfg.data.batch_size}, patch {tuple(cfg.data.patch_size)}, {tc.precision}, "
          f"steps {int(state['step']) if state else 0}->{tc.steps}; run: {out_dir}", info)
+    job = _pretrain_job(cfg, raw, batches, plan, info, device)
+    if tc.probe_dataset:
+        job.probe, job.probe_every = _probe_hook(cfg, plan, out_dir, raw, info, device)
+    return run_loop(out_dir, tc, job, config=config_to_dict(cfg), global_batch=cfg.data.batch_size, info=info,
+                    device=device, state=state, progress=progress)
+
+
+def _pretrain_job(cfg: RunConfig, method: torch.nn.Module, batches: BatchFactory, plan: dict | None,
+                  info: D.DistInfo, device: torch.device) -> StepJob:
+    """The :class:`StepJob` of pre-training ``method`` (a :class:`~volssl.methods.PretrainMethod` on
+    ``device``): its optimiser and schedule, the step's forward (this rank's rows of the global batch,
+    spatially augmented, under autocast), its checkpoint payload and the fixed-batch validation loss."""
+    tc = cfg.train
+    offset, local_b = D.local_rows(cfg.data.batch_size, info)
+    optimizer = build_optimizer(trainable_parameters(method), cfg.optim)
+    schedule = StepSchedule(optimizer, tc.steps, cfg.optim)
+    rows = {"sample_offset": offset, "global_batch": cfg.data.batch_size}
 
     def forward(model: torch.nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
         images = batch["image"].to(device, non_blocking=True).float()
         if images.ndim != 5 or images.shape[0] != local_b:
             raise ValueError(f"batch 'image' must be ({local_b}, C, X, Y, Z) per rank, got {tuple(images.shape)}")
-        torch.manual_seed(step_seed(tc.seed, step, 0 if rows_kw else 1000 + info.rank))
+        torch.manual_seed(step_seed(tc.seed, step))
         gen = torch.Generator().manual_seed(step_seed(tc.seed, step, AUGMENT_STREAM))
         with torch.no_grad():
             images = spatial_augment(images, cfg.augment, gen, offset, cfg.data.batch_size)
         with autocast_context(tc.precision, device):
-            result = model(images, **fwd_kw)
+            result = model(images, **rows)
         return result.loss, result.previews or {}
 
     def payload(tag: str) -> dict[str, Any]:
         return dict(kind="pretrain", config=config_to_dict(cfg), model=config_to_dict(cfg.model),
-                    network=raw.transfer_state_dict(), encoder_keys="encoder.", method_state=raw.state_dict(),
+                    network=method.transfer_state_dict(), encoder_keys="encoder.", method_state=method.state_dict(),
                     plan=plan)
 
     val_data: list[torch.Tensor] = []
@@ -754,16 +478,14 @@ def pretrain(
         with torch.no_grad(), autocast_context(tc.precision, device):
             for i, images in enumerate(val_data):
                 torch.manual_seed(step_seed(tc.seed, i, VAL_STREAM))
-                losses.append(raw(images.to(device).float(), **fwd_kw).loss.detach().float())
+                losses.append(method(images.to(device).float(), **rows).loss.detach().float())
         torch.manual_seed(step_seed(tc.seed, 0))  # the training steps reseed anyway
         return float(D.all_reduce_mean(torch.stack(losses).mean(), info).item())
 
-    probe, probe_every = _probe_hook(cfg, plan, out_dir, raw, info, device) if tc.probe_dataset else (None, 0)
-    return run_loop(out_dir, tc, module=raw, optimizer=optimizer, schedule=schedule, scaler=scaler, batches=batches,
-                    forward=forward, payload=payload, config=config_to_dict(cfg), global_batch=cfg.data.batch_size,
-                    info=info, device=device, state=state, state_key="method_state", grad_clip=cfg.optim.grad_clip,
-                    validate=val_loss if tc.val_every > 0 else None, probe=probe, probe_every=probe_every,
-                    name="pretrain", title=cfg.method.name, progress=progress)
+    return StepJob(module=method, optimizer=optimizer, schedule=schedule, scaler=make_scaler(tc.precision, device),
+                   batches=batches, forward=forward, payload=payload, state_key="method_state",
+                   grad_clip=cfg.optim.grad_clip, validate=val_loss if tc.val_every > 0 else None,
+                   after_step=method.after_step, name="pretrain", title=cfg.method.name)
 
 
 def _probe_hook(cfg: RunConfig, plan: dict | None, out_dir: str | os.PathLike, method: torch.nn.Module,
