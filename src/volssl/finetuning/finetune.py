@@ -38,17 +38,17 @@ evaluation are separate commands. ``best.pt`` is the lowest validation loss when
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from volssl.config import ModelConfig, config_from_dict, config_to_dict
+from volssl.data.labelled import check_plan, dataset_meta, labelled_root, locked, preprocess_labelled  # noqa: F401
 from volssl.finetuning.losses import LabelMap
 from volssl.finetuning.recipes import lr_at_step, resolve_recipe, stage_at
 from volssl.finetuning.splits import make_splits, save_splits
@@ -135,93 +135,22 @@ def load_source(checkpoint: str | os.PathLike | None) -> Source | None:
 
 
 # --------------------------------------------------------------------------- the data
-@contextlib.contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    """An exclusive lock on ``folder/.volssl-preprocess.lock`` (runs sharing a preprocessed dir)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".volssl-preprocess.lock", "w") as fh:
-        try:
-            import fcntl
-
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        except ImportError:  # pragma: no cover - not POSIX
-            pass
-        yield
-
-
-def check_plan(found: dict[str, Any], wanted: dict[str, Any], where: str) -> None:
-    """ValueError unless ``found`` preprocesses arrays as ``wanted`` does
-    (:data:`volssl.data.preprocess.ARRAY_PLAN_KEYS`)."""
-    from volssl.data.preprocess import plan_differences
-
-    detail = plan_differences(found, wanted)
-    if detail:
-        raise ValueError(f"{where} was preprocessed with another plan ({detail}); fine-tuning uses the "
-                         "checkpoint's plan (the paper's fixed setting): pass the raw nnU-Net dataset instead")
-
-
-def dataset_meta(root: Path, records: Sequence[Any]) -> dict[str, Any]:
-    """``{"labels", "channels", "instance", "name"}`` of a preprocessed dataset: from a ``dataset.json``
-    in ``root``, else the raw dataset's (found through the cases' source paths), else derived from
-    the stored label values ("label_1", ...)."""
-    candidates = [root / "dataset.json"]
-    for rec in records[:1]:
-        if rec.source:
-            candidates.append(Path(rec.source[0]).parent.parent / "dataset.json")
-    for path in candidates:
-        if path.is_file():
-            meta = json.loads(path.read_text())
-            names = meta.get("channel_names") or meta.get("modality") or {}
-            channels = [str(names[k]) for k in sorted(names, key=lambda k: int(k))] if isinstance(names, dict) else []
-            if isinstance(meta.get("labels"), dict) and channels:
-                return {"labels": meta["labels"], "channels": channels,
-                        "name": str(meta.get("volssl_dataset") or path.parent.name),
-                        "instance": bool(meta.get("instance_labels", False)), "dataset_json": str(path)}
-    from volssl.data.dataset import PreprocessedDataset
-
-    ds = PreprocessedDataset(root)
-    values = sorted({int(v) for r in records if r.has_label for v in (ds.props(r.id).get("label_values") or [])} | {0})
-    labels = {("background" if v == 0 else f"label_{v}"): v for v in values}
-    channels = list(records[0].channels) if records else []
-    return {"labels": labels, "channels": channels, "instance": False, "name": root.name, "dataset_json": None}
-
-
 def prepare_dataset(dataset: str | os.PathLike, plan: dict[str, Any], out: Path,
                     preprocessed_dir: str | os.PathLike | None = None, workers: int = 1, progress: bool = True,
                     info: D.DistInfo | None = None, check: bool = True) -> Path:
     """The preprocessed dataset to fine-tune on (see the module docstring, step 2); returns its root.
 
-    ``dataset``: an nnU-Net v2 raw dataset (preprocessed here with ``plan``, rank 0 only, under a
-    lock) or a preprocessed one (checked against ``plan`` when ``check``).
+    ``dataset``: an nnU-Net v2 raw dataset (preprocessed here with ``plan`` by rank 0, under a lock,
+    into ``preprocessed_dir`` or ``out/preprocessed``) or a preprocessed one (checked against ``plan``
+    when ``check``); :mod:`volssl.data.labelled` does the work, this adds the data-parallel ranks.
     """
-    from volssl.data.preprocess import labelled_plan, preprocess
-    from volssl.data.readers import is_nnunet_dataset
-
     info = info or D.DistInfo()
-    src = Path(dataset).expanduser()
-    if not src.exists():
-        raise FileNotFoundError(f"dataset not found: {src}")
-    if (src / "plan.json").is_file():
-        if check:
-            check_plan(json.loads((src / "plan.json").read_text()), plan, str(src))
-        return src.resolve()
-    if not is_nnunet_dataset(src):
-        raise ValueError(f"{src} is neither an nnU-Net v2 raw dataset (dataset.json + imagesTr) nor a preprocessed "
-                         "volssl dataset (plan.json)")
-    root = Path(preprocessed_dir).expanduser() if preprocessed_dir else out / "preprocessed"
-    if info.is_main:
-        with _locked(root):
-            if (root / "plan.json").is_file():
-                check_plan(json.loads((root / "plan.json").read_text()), plan, str(root))
-            _say(f"preprocessing {src} with the {plan.get('name', '?')!r} plan -> {root} (cases already there "
-                 "are skipped)", info)
-            summary = preprocess(src, root, plan=labelled_plan(plan), workers=workers, progress=progress)
-            if summary.n_excluded:
-                _say(f"{summary.n_excluded} case(s) excluded (unreadable or inconsistent); see {summary.report}", info)
-            meta = json.loads((src / "dataset.json").read_text())
-            write_json_atomic(root / "dataset.json", {**meta, "volssl_dataset": src.resolve().name})
-    D.barrier(info)
-    return root.resolve()
+    root, raw = labelled_root(dataset, plan, out / "preprocessed", preprocessed_dir, check)
+    if raw is not None:
+        if info.is_main:
+            preprocess_labelled(raw, root, plan, workers, progress, say=lambda msg: _say(msg, info))
+        D.barrier(info)
+    return root
 
 
 DYNAMIC_PLAN = "dynamic"
@@ -278,7 +207,7 @@ def dynamic_setup(dataset: str | os.PathLike, plan_name: str, arch: str, out: st
         root = Path(preprocessed_dir).expanduser() if preprocessed_dir else out / "preprocessed"
         fp_path = root / FINGERPRINT_FILE
         if info.is_main:
-            with _locked(root):
+            with locked(root):
                 _say(f"fingerprint of {src} -> {fp_path} (reused when the files did not change)", info)
                 dataset_fingerprint(src, cache=fp_path, progress=progress, workers=workers)
         D.barrier(info)
