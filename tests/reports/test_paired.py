@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from volssl.reports.paired import bootstrap_ci, paired_differences
+from volssl.reports.paired import bootstrap_ci, paired_differences, paired_markdown
 from volssl.reports.report import find_runs, make_report
 
 
@@ -78,3 +78,19 @@ def test_probe_runs_of_several_draws_keep_apart(tmp_path):
         (run / "probe.csv").write_text("step,probe_dice,probe_floor,seconds\n100,0.5,0.45,3\n")
     found = find_probe_runs([tmp_path / "draw0" / "pretrain", tmp_path / "draw1" / "pretrain"])
     assert sorted(found) == ["draw0/pretrain/s3d@brain", "draw1/pretrain/s3d@brain"]
+
+
+def test_rows_count_the_runs_at_the_floor_and_the_difference_where_both_learn(tmp_path):
+    # seed 0: the twin never leaves the floor (0.01) while s3d learns (0.55); seeds 1-3: both learn, s3d +0.02;
+    # seed 4: both at the floor
+    dice = {0: (0.55, 0.01), 1: (0.52, 0.50), 2: (0.62, 0.60), 3: (0.42, 0.40), 4: (0.0, 0.02)}
+    for seed, (a, b) in dice.items():
+        _run(tmp_path, "draw0", "s3d", seed, a)
+        _run(tmp_path, "draw0", "no-fixed", seed, b)
+    runs, _ = find_runs([tmp_path])
+    r = paired_differences(runs, {"s3d": "no-fixed"})[0]
+    assert (r["method_floor"], r["twin_floor"], r["n_both_learned"]) == (1, 2, 3)
+    assert r["diff_both_learned"] == pytest.approx(0.02)
+    assert r["diff"] == pytest.approx((0.54 + 0.02 * 3 - 0.02) / 5)
+    md = paired_markdown([r])
+    assert "| 1 / 2 | +2.0 (3) |" in md

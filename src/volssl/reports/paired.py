@@ -9,6 +9,11 @@ the twin's own recipe) differ. The difference of a pair is ``Dice(method) - Dice
 Interval. Per (method, twin, dataset, n_train): the mean difference over pairs and a percentile
 bootstrap 95% interval (``n_boot`` resamples of the pairs with replacement). The verdict is "gain"
 when the interval lies above 0, "loss" when below, else "no clear difference".
+
+What a difference is made of. With few labelled cases some runs never leave the floor (they predict
+background: Dice below :data:`FLOOR_DICE`), and a few such runs decide a mean difference
+(docs/evidence.md). Each row therefore also counts the runs at the floor of either arm and gives the mean
+difference over the pairs in which both arms learned.
 """
 from __future__ import annotations
 
@@ -21,6 +26,8 @@ import numpy as np
 
 VERDICTS = {"gain": "pre-training helps (95% CI above 0)", "loss": "pre-training hurts (95% CI below 0)",
             "none": "no clear difference (95% CI spans 0)"}
+#: a run whose mean Dice is below this never left the floor (it predicts background, or nearly)
+FLOOR_DICE = 0.05
 
 
 def bootstrap_ci(diffs: Sequence[float], n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
@@ -42,7 +49,9 @@ def paired_differences(runs: Sequence[Any], twins: Mapping[str, str], n_boot: in
 
     ``runs``: :class:`volssl.reports.report.Run` s; ``twins``: method -> its from-scratch twin.
     Row: ``method, twin, dataset, n_train, n_pairs, method_dice, twin_dice, diff, ci_low, ci_high,
-    verdict`` (Dice as fractions; ``diff`` = mean paired difference).
+    verdict, method_floor, twin_floor, n_both_learned, diff_both_learned`` (Dice as fractions; ``diff`` = mean
+    paired difference; ``*_floor``: runs with Dice below :data:`FLOOR_DICE`; ``diff_both_learned``: the mean
+    difference over the ``n_both_learned`` pairs in which neither run is at the floor, NaN for none).
     """
     index = {(r.path.parent, r.dataset, r.n_train, r.seed, r.method): r for r in runs}
     rows = []
@@ -60,9 +69,13 @@ def paired_differences(runs: Sequence[Any], twins: Mapping[str, str], n_boot: in
             diffs = a - b
             lo, hi = bootstrap_ci(diffs, n_boot, seed)
             verdict = "gain" if lo > 0 else "loss" if hi < 0 else "none"
+            learned = (a >= FLOOR_DICE) & (b >= FLOOR_DICE)
             rows.append({"method": method, "twin": twin, "dataset": dataset, "n_train": n, "n_pairs": len(pairs),
                          "method_dice": float(np.nanmean(a)), "twin_dice": float(np.nanmean(b)),
-                         "diff": float(np.nanmean(diffs)), "ci_low": lo, "ci_high": hi, "verdict": verdict})
+                         "diff": float(np.nanmean(diffs)), "ci_low": lo, "ci_high": hi, "verdict": verdict,
+                         "method_floor": int((a < FLOOR_DICE).sum()), "twin_floor": int((b < FLOOR_DICE).sum()),
+                         "n_both_learned": int(learned.sum()),
+                         "diff_both_learned": float(diffs[learned].mean()) if learned.any() else math.nan})
     return rows
 
 
@@ -71,16 +84,21 @@ def paired_markdown(rows: Sequence[Mapping[str, Any]], evidence_note: str = "") 
     lines = ["## Pre-training against its from-scratch twin (paired)", "",
              "Each pre-trained run is paired with its twin's run on the same draw, dataset, training cases, "
              "seed and test cases; the difference is Dice(pre-trained) - Dice(twin), x100, with a bootstrap 95% "
-             "interval over the pairs. Also in paired.csv.", "",
-             "| Method | Twin | Dataset | n_train | pairs | Dice | twin Dice | difference [95% CI] | verdict |",
-             "|---|---|---|---:|---:|---:|---:|---:|---|"]
+             f"interval over the pairs. 'At the floor': runs with Dice below {100 * FLOOR_DICE:g} (they never found "
+             "the target); 'where both learn': the mean difference over the other pairs. Also in paired.csv.", "",
+             "| Method | Twin | Dataset | n_train | pairs | Dice | twin Dice | difference [95% CI] | at the floor "
+             "(method / twin) | where both learn (pairs) | verdict |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         note = VERDICTS[r["verdict"]]
         if r["verdict"] != "gain" and evidence_note:
             note += f"; {evidence_note}"
+        both = r.get("diff_both_learned", math.nan)
+        both = "-" if both is None or math.isnan(both) else f"{100 * both:+.1f} ({r['n_both_learned']})"
         lines.append(f"| {r['method']} | {r['twin']} | {r['dataset']} | {r['n_train']} | {r['n_pairs']} | "
                      f"{100 * r['method_dice']:.1f} | {100 * r['twin_dice']:.1f} | {100 * r['diff']:+.1f} "
-                     f"[{100 * r['ci_low']:+.1f}, {100 * r['ci_high']:+.1f}] | {note} |")
+                     f"[{100 * r['ci_low']:+.1f}, {100 * r['ci_high']:+.1f}] | {r.get('method_floor', '-')} / "
+                     f"{r.get('twin_floor', '-')} | {both} | {note} |")
     return "\n".join(lines) + "\n"
 
 

@@ -406,7 +406,8 @@ def _write_paired(runs: Sequence[Run], twins: Mapping[str, str], seed: int, evid
 
     paired_rows = paired_differences(runs, twins, seed=seed)
     _write_csv(out("paired.csv"), ["method", "twin", "dataset", "n_train", "n_pairs", "method_dice", "twin_dice",
-                                   "diff", "ci_low", "ci_high", "verdict"], paired_rows)
+                                   "diff", "ci_low", "ci_high", "verdict", "method_floor", "twin_floor",
+                                   "n_both_learned", "diff_both_learned"], paired_rows)
     return paired_rows, ("\n" + paired_markdown(paired_rows, evidence_note) if paired_rows else "")
 
 
