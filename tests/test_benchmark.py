@@ -113,3 +113,14 @@ def test_a_phantom_name_is_not_mistaken_for_a_same_named_folder(tmp_path, monkey
     (tmp_path / "mydata").mkdir()
     with pytest.raises(ValueError, match="mydata has no dataset.json"):
         _labeled_dataset("mydata", tmp_path / "out", SCALES["quick"], seed=0)
+
+
+def test_importing_the_benchmark_does_not_import_torch_or_the_presets():
+    # the arms are registered by the preset modules, which import the methods (and torch) only when first used
+    import subprocess
+    import sys
+
+    code = ("import sys, volssl.benchmark; print('torch' in sys.modules, 'volssl.presets.s3d' in sys.modules); "
+            "from volssl.benchmark import ARMS; print('s3d' in ARMS)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False", "True"]

@@ -54,7 +54,9 @@ __all__ = sorted(_API) + ["__version__"]
 
 def _load_builtin_specs() -> None:
     """Register the built-in presets and the method configurations they use (called by volssl.config on demand)."""
-    import volssl.presets  # noqa: F401
+    from volssl.presets import load
+
+    load()
 
 
 from volssl import config as _config  # noqa: E402  (the root wires the presets into the config registry)

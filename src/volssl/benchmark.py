@@ -1,7 +1,7 @@
 """``volssl benchmark``: the papers' comparison on the user's data (or on phantom tasks), from one command.
 
 For every *arm* (a pre-training method plus its fine-tuning recipe, or a from-scratch baseline; see
-:data:`ARMS`) and every labeled dataset, the benchmark
+:func:`volssl.presets.arms.get_arms`) and every labeled dataset, the benchmark
 
 1. pre-trains the arm's preset once per unlabeled pool (``OUT/pretrain/<arm>/``; the pool is
    preprocessed once per preprocessing plan into ``OUT/pool/<plan>/``);
@@ -36,7 +36,7 @@ from typing import Any, Sequence
 
 from volssl.experiment import AGGLOMERATION_THRESHOLDS, DEFAULT_TASK, FitSpec, fit_predict_score, get_task, \
     task_of_dataset
-from volssl.presets.arms import ARMS, Arm  # the arms are registered by the preset modules, next to their presets
+from volssl.presets.arms import Arm, get_arms  # the arms are registered by the preset modules, next to their presets
 from volssl.util.atomic import write_json_atomic
 from volssl.util.workers import watched_pool
 
@@ -205,7 +205,7 @@ class BenchmarkSpec:
     """What a benchmark compares (its folder, parallelism and device aside); see :func:`run_benchmark`.
 
     Attributes:
-        methods: names of :data:`ARMS`.
+        methods: names of the registered arms (:func:`volssl.presets.arms.get_arms`).
         datasets: phantom task names (``volssl phantoms --list-tasks``) or nnU-Net v2 raw dataset folders
             (with imagesTs/labelsTs for the held-out cases).
         n_trains: labeled training cases per cell: ints, fractions (``0.1``), or None / "all" (default:
@@ -261,9 +261,10 @@ def run_benchmark(out: str | Path, spec: BenchmarkSpec, workers: int = 2, device
                                  finetune_steps=spec.finetune_steps or sc.finetune_steps,
                                  n_labeled=spec.n_labeled or sc.n_labeled)
     methods, datasets = spec.methods, spec.datasets
-    unknown = [m for m in methods if m not in ARMS]
+    arms_by_name = get_arms()
+    unknown = [m for m in methods if m not in arms_by_name]
     if unknown:
-        raise ValueError(f"unknown benchmark method(s) {unknown}; known: {', '.join(ARMS)}")
+        raise ValueError(f"unknown benchmark method(s) {unknown}; known: {', '.join(arms_by_name)}")
     if not methods or not datasets:
         raise ValueError("give at least one method and one dataset")
     out = Path(out)
@@ -276,7 +277,7 @@ def run_benchmark(out: str | Path, spec: BenchmarkSpec, workers: int = 2, device
         if len(pair) != 2 or pair[0] not in datasets:
             raise ValueError(f"generalisation {g!r} must be 'A:B' with A one of the datasets {list(datasets)}")
     data = {name: _labeled_dataset(name, out, sc, spec.seed) for name in {*datasets, *(b for _, b in pairs)}}
-    arms = [ARMS[m] for m in methods]
+    arms = [arms_by_name[m] for m in methods]
 
     # 1. pre-training, once per (arm, domain) --------------------------------------------------------
     checkpoints, broken = _pretrain_arms(arms, spec, data, out, sc)
@@ -394,7 +395,8 @@ def _run_cells(jobs: list[dict[str, Any]], workers: int) -> list[dict[str, Any]]
 
 def twins_of(methods: Sequence[str]) -> dict[str, str]:
     """``{arm: its from-scratch twin}`` for the arms of ``methods`` whose twin is also in ``methods``."""
-    return {m: ARMS[m].twin for m in methods if m in ARMS and ARMS[m].twin in methods}
+    arms = get_arms()
+    return {m: arms[m].twin for m in methods if m in arms and arms[m].twin in methods}
 
 
 def _run_draws(out: str | Path, spec: BenchmarkSpec, draws: Sequence[int], workers: int, device: str,
@@ -553,3 +555,10 @@ def _prepare_labeled(raw: Path, plan: dict[str, Any], dest: Path) -> Path:
     from volssl.finetuning.finetune import prepare_dataset
 
     return prepare_dataset(raw, plan, dest.parent, dest, workers=2, progress=False, check=True)
+
+
+def __getattr__(name: str) -> Any:
+    """``ARMS``: the registered arms, the built-in ones loaded on first access (start-up stays torch-free)."""
+    if name == "ARMS":
+        return get_arms()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

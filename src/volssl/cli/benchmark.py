@@ -76,12 +76,13 @@ def _n_trains(text: str) -> list:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from volssl.benchmark import ARMS, SCALES, BenchmarkSpec, run_benchmark
+    from volssl.benchmark import SCALES, BenchmarkSpec, run_benchmark
+    from volssl.presets.arms import get_arms
     from volssl.util.errors import check_input_path
     from volssl.util.paths import check_output_dir
 
     if args.list:
-        for arm in ARMS.values():
+        for arm in get_arms().values():
             pre = f"pre-train {arm.preset}" if arm.preset else "from scratch"
             print(f"{arm.name:<26} {pre}; fine-tune {arm.recipe}; plan {arm.plan} -- {arm.label}")
         print("scales: " + ", ".join(SCALES))

@@ -320,7 +320,6 @@ def finetune(
     net = _build_network(cfg, source, dynamic, data, info)
     net.network = net.network.to(device)
     method = method_name or _method_name(source, cfg.name)
-    job = _finetune_job(cfg, net, data, info, device, title=method)
     pretrained = None if source is None else {"checkpoint": source.path, "kind": source.kind,
                                               "method": source.method, "step": source.step}
     n = len(data.splits["train"])
@@ -331,7 +330,7 @@ def finetune(
                     deep_supervision=cfg.deep_supervision, config=config, recipe=cfg.name, pretrained=pretrained,
                     transfer=net.report.to_dict(), fold=int(fold), n_train=n, **net.task.checkpoint_fields())
 
-    job.payload = payload
+    job = _finetune_job(cfg, net, data, info, device, payload, title=method)
     run_json = {"method": method, "dataset": data.meta["name"], "n_train": n, "seed": int(seed),
                 "fold": int(fold), "pretrained": source is not None, "recipe": cfg.name,
                 "checkpoint": source.path if source else None}
@@ -470,8 +469,8 @@ def _param_groups(cfg: Any, network: torch.nn.Module) -> list[Any]:
 
 
 def _finetune_job(cfg: Any, net: FineTuneNetwork, data: LabelledData, info: D.DistInfo, device: torch.device,
-                  title: str) -> StepJob:
-    """The :class:`StepJob` of fine-tuning ``net`` (its ``payload`` is set by the caller): stage-wise trainable
+                  payload: Callable[[str], dict[str, Any]], title: str) -> StepJob:
+    """The :class:`StepJob` of fine-tuning ``net`` with the checkpoint fields ``payload``: stage-wise trainable
     parameters and learning rates, nnU-Net-oversampled labelled patches, spatial (and intensity) augmentation
     of images and labels, the task's loss, and the validation loss on fixed validation patches."""
     from volssl.data.patches import PatchSampler, make_loader
@@ -517,7 +516,7 @@ def _finetune_job(cfg: Any, net: FineTuneNetwork, data: LabelledData, info: D.Di
         return net.task.loss(outputs, target), {}
 
     return StepJob(module=network, optimizer=optimizer, schedule=schedule, scaler=make_scaler(tc.precision, device),
-                   batches=batches, forward=forward, payload=lambda tag: {}, state_key="network",
+                   batches=batches, forward=forward, payload=payload, state_key="network",
                    grad_clip=cfg.optim.grad_clip, validate=_validation(cfg, net, data, info, device),
                    on_step=on_step, name="finetune", title=title)
 

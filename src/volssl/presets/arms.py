@@ -31,8 +31,16 @@ class Arm:
     twin: str | None = None  # the from-scratch arm it is paired with in the report (same network, plan, schedule)
 
 
-#: arm name -> Arm, in registration order
+#: arm name -> Arm, in registration order (the built-in ones once :func:`get_arms` has loaded the presets)
 ARMS: dict[str, Arm] = {}
+
+
+def get_arms() -> dict[str, Arm]:
+    """:data:`ARMS` with the built-in arms registered (the preset modules are imported on first use)."""
+    from volssl.config import load_builtin_specs
+
+    load_builtin_specs()
+    return ARMS
 
 
 def register_arm(*arms: Arm) -> None:

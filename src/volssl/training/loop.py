@@ -154,7 +154,7 @@ class _Run:
         job.schedule.load_state_dict(state["scheduler"])
         job.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
-        self.start = int(state["step"])
+        self.start = self.done = int(state["step"])
         if self.start > self.tc.steps:
             raise ValueError(f"{self.latest} is at step {self.start}, beyond train.steps={self.tc.steps}")
         m = state.get("metrics") or {}
@@ -332,8 +332,7 @@ def run_loop(out: str | Path, tc: TrainConfig, job: StepJob, *, config: dict[str
                disable=not (progress and info.is_main), smoothing=0.05)
     summary: dict[str, Any] = {"status": "finished", "signal": None}
     t0 = time.perf_counter()
-    run.t_window = time.perf_counter()
-    run.done = run.start
+    run.t_window = time.perf_counter()  # the first window's seconds per step start here, as every later one
     run.model.train()
     try:
         with _Signals() as sig:
