@@ -53,8 +53,9 @@ def test_loss_is_l2_on_masked_voxels_only():
     assert not torch.allclose(reconstruction_loss(recon, target_hid, mask), base)
 
 
-def test_reconstruction_does_not_depend_on_masked_input():
-    s3d = make()
+@pytest.mark.parametrize("block_sparse", ["off", "on"])
+def test_reconstruction_does_not_depend_on_masked_input(block_sparse):
+    s3d = make(block_sparse=block_sparse)
     x = images()
     mask = block_mask(2, PATCH, 16, 0.5)
     x2 = x + 4.0 * torch.randn_like(x) * (1 - mask)
@@ -126,24 +127,96 @@ def test_build_method_from_tiny_preset():
         build_method(cfg)
 
 
-def test_the_whole_step_has_no_host_sync():
+def _record_ops(s3d, x):
+    from collections import Counter
+
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Record(TorchDispatchMode):
         def __init__(self):
             super().__init__()
-            self.ops = set()
+            self.ops = Counter()
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.add(func.overloadpacket.__name__)
+            self.ops[func.overloadpacket.__name__] += 1
             return func(*args, **(kwargs or {}))
 
-    s3d = make()
-    x = images()
     with Record() as rec:
         s3d(x).loss.backward()  # mask drawing, masked encoder, tokens, densify, decoder, loss, backward
-    assert {"sort", "convolution_backward"} <= rec.ops
-    assert not rec.ops & {"nonzero", "_local_scalar_dense", "masked_select", "index", "index_put", "unique"}
+    return rec.ops
+
+
+def test_the_masked_dense_step_has_no_host_sync():
+    ops = _record_ops(make(block_sparse="off"), images())
+    assert {"sort", "convolution_backward"} <= set(ops)
+    assert not set(ops) & {"nonzero", "_local_scalar_dense", "masked_select", "index", "index_put", "unique"}
+
+
+def test_the_block_sparse_step_has_one_host_sync():
+    ops = _record_ops(make(block_sparse="on"), images())
+    assert ops["nonzero"] == 1  # finding the visible blocks, once per step
+    assert not set(ops) & {"_local_scalar_dense", "masked_select", "unique"}
+
+
+def _trained_like(s3d: S3D) -> S3D:
+    for m in s3d.modules():  # the init zeroes each residual block's last norm weight: give every norm a value
+        if isinstance(m, torch.nn.InstanceNorm3d):
+            torch.nn.init.normal_(m.weight, 1.0, 0.3)
+            torch.nn.init.normal_(m.bias, 0.0, 0.3)
+    return s3d
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(mask_input=False), dict(mask_block=16), dict(densify=False)])
+def test_block_sparse_step_equals_the_masked_dense_step(kw):
+    dense = _trained_like(make(block_sparse="off", **kw))
+    sparse = make(block_sparse="on", **kw)
+    sparse.load_state_dict(dense.state_dict())
+    x = images()
+    results = []
+    for m in (dense, sparse):
+        torch.manual_seed(5)  # the same mask
+        loss = m(x).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
+    (l0, g0), (l1, g1) = results
+    assert sparse.block_stages(PATCH) == (4 if kw.get("mask_block") else 3) and dense.block_stages(PATCH) == 0
+    assert abs(l1 - l0) <= 1e-5 * l0  # float32: equal up to rounding
+    assert g0.keys() == g1.keys()
+    scale = max(g.abs().max() for g in g0.values())
+    for n in g0:
+        if n.endswith(".conv.bias"):  # a bias before an instance norm: its exact gradient is 0, both are noise
+            assert (g1[n] - g0[n]).abs().max() <= 1e-6 * scale, n
+        else:
+            assert (g1[n] - g0[n]).abs().max() <= 1e-5 * max(g0[n].abs().max(), 0.05 * scale), n
+
+
+def test_block_sparse_under_bf16_autocast_matches_the_masked_dense_step():
+    dense = make(block_sparse="off")
+    sparse = make(block_sparse="on")
+    sparse.load_state_dict(dense.state_dict())
+    losses = []
+    for m in (dense, sparse):
+        torch.manual_seed(5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m(images()).loss
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[1] == pytest.approx(losses[0], rel=2e-2)  # bf16 rounds at 4e-3 per op
+    assert all(torch.isfinite(p.grad).all() for p in sparse.parameters() if p.grad is not None)
+
+
+def test_block_sparse_switch_is_checked_and_auto_follows_the_ratio():
+    with pytest.raises(ValueError, match="block_sparse must be 'auto', 'on' or 'off'"):
+        make(block_sparse="yes")
+    with pytest.raises(ValueError, match="needs sparse_conv and masked_norm"):
+        make(block_sparse="on", sparse_conv=False)
+    with pytest.raises(ValueError, match="block_stages must be in"):
+        make(block_stages=5)
+    assert make().block_stages(PATCH) == 3  # default U[0.6, 0.9]: the stages whose blocks are >= 2 voxels
+    assert make(block_stages=1).block_stages(PATCH) == 1
+    assert make(mask_ratio_range=None, mask_ratio=0.3).block_stages(PATCH) == 0  # auto: below 0.5, masked-dense
+    assert make(mask_ratio_range=None, mask_ratio=0.3, block_sparse="on").block_stages(PATCH) == 3
+    assert make(masked_norm=False).block_stages(PATCH) == 0  # Table 1a rows without it: masked-dense
 
 
 def test_data_parallel_rows_draw_the_masks_and_loss_of_the_whole_batch():

@@ -47,3 +47,4 @@ def test_argument_errors_are_clear(tmp_path, dataset, capsys):
     assert main(["pretrain", "--preset", "s3d-b-tiny", "--set", "train.precision=fp16", "--set",
                  "train.device=cpu"] + common) == 2
     assert "fp16 needs a CUDA device" in capsys.readouterr().err
+

@@ -97,6 +97,32 @@ def test_a_signal_saves_and_the_resumed_run_equals_an_uninterrupted_one(tmp_path
         assert torch.equal(v, ref_state[k]), k
 
 
+def test_block_sparse_s3d_signalled_and_resumed_equals_uninterrupted(tmp_path):
+    """The real S3D with its encoder on the visible blocks: stop by a signal, resume, same run bit for bit."""
+    from volssl.methods import build_method
+
+    extra = ["data.patch_size=32,32,32", "method.block_sparse=on", "train.checkpoint_every=2"]
+
+    def s3d_run(out, resume=False, stop_at=None):
+        cfg = tiny_config(6, extra=extra)
+        torch.manual_seed(cfg.train.seed)
+        method = build_method(cfg)
+        assert method.block_stages(cfg.data.patch_size) == 3
+        batches = make_batches(cfg.data.batch_size, cfg.data.patch_size)
+        if stop_at is not None:
+            batches = _signal_at(batches, stop_at)
+        return pretrain(cfg, None, out, resume=resume, method=method, batches=batches, progress=False), method
+
+    _, whole = s3d_run(tmp_path / "whole")
+    summary, _ = s3d_run(tmp_path / "split", stop_at=2)
+    assert summary["status"] == "stopped" and summary["step"] == 3
+    summary, resumed = s3d_run(tmp_path / "split", resume=True)
+    assert summary["status"] == "finished"
+    assert losses(tmp_path / "split") == losses(tmp_path / "whole")
+    for k, v in resumed.state_dict().items():
+        assert torch.equal(v, whole.state_dict()[k]), k
+
+
 def _start(out, *args, delay=0.3):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
     return subprocess.Popen([sys.executable, str(HERE / "training_standins.py"), str(out), "--steps", str(STEPS),

@@ -122,13 +122,19 @@ def main(argv=None) -> int:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--delay", type=float, default=0.0)
     p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--method", choices=["tiny", "s3d"], default="tiny", help="TinyMAE or the preset's real method")
     args = p.parse_args(argv)
     from volssl.training import distributed
     from volssl.training.trainer import pretrain
 
     cfg = tiny_config(args.steps, args.batch, extra=args.overrides)
     torch.manual_seed(cfg.train.seed)
-    method = TinyMAE(step_delay=args.delay)
+    if args.method == "s3d":
+        from volssl.methods import build_method
+
+        method = build_method(cfg)
+    else:
+        method = TinyMAE(step_delay=args.delay)
     summary = pretrain(cfg, None, args.out, resume=args.resume, method=method,
                        batches=make_batches(cfg.data.batch_size, cfg.data.patch_size), progress=False)
     distributed.cleanup()

@@ -1,19 +1,25 @@
-"""``volssl bench step``: one S3D sparse pre-training step vs one plain dense training step.
+"""``volssl bench step``: the S3D pre-training step, masked-dense and block-sparse, against a dense step.
 
-Both sides use the same network (same architecture and initial weights), the same batch, the same
-SGD optimiser (Nesterov momentum 0.99, weight decay 3e-5) and run in one process, interleaved
-(dense, S3D, S3D, dense, ...) so that load from other processes hits both alike:
+All sides use the same network (same architecture and initial weights), the same batch, the same SGD
+optimiser (Nesterov momentum 0.99, weight decay 3e-5) and run in one process, interleaved in a
+rotating order so that load from other processes hits every side alike:
 
 * dense: ``network(x)`` -> L2 loss against ``x`` over the whole patch -> backward -> SGD step;
-* S3D: block mask drawn -> masked input -> sparse encoder (mask re-applied after every conv/pool,
-  visible-only norm statistics) -> mask tokens -> densification convs -> decoder -> L2 on masked
-  voxels -> backward -> SGD step.
+* masked, per mask ratio: the S3D step with ``block_sparse="off"`` (block mask -> masked input ->
+  encoder convolving every voxel, mask re-applied after every conv/pool, visible-only norm statistics
+  -> mask tokens -> densification convs -> decoder -> L2 on masked voxels -> backward -> SGD step);
+* block, per mask ratio: the same S3D step with ``block_sparse="on"``: the encoder computes the
+  visible blocks only (models/block_sparse.py); the decoder stays dense.
 
-Times are wall-clock per step (median and minimum over ``--repeats`` after ``--warmup`` steps of
-each). Peak memory (one extra, untimed step of each): on CUDA ``torch.cuda.max_memory_allocated``
-above what was allocated before the step; on the CPU, where ``tracemalloc`` cannot see torch's
-allocator, the peak of live tensor bytes during the step from ``torch.profiler``'s memory events
-(op granularity; the allocator's caching and fragmentation are not included).
+The two S3D sides of a ratio draw the same masks (the RNG is reseeded per repetition). Times are
+wall-clock per step (median and minimum over ``--repeats`` after ``--warmup`` steps of each).
+FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` over one step of each side (forward and backward
+convolutions and matmuls); block-sparse FLOPs / dense FLOPs is the time ratio the block-sparse step
+would reach if time were proportional to FLOPs (the "FLOPs-model limit"). Peak memory (one extra,
+untimed step of each): on CUDA ``torch.cuda.max_memory_allocated`` above what was allocated before
+the step; on the CPU, where ``tracemalloc`` cannot see torch's allocator, the peak of live tensor
+bytes during the step from ``torch.profiler``'s memory events (op granularity; the allocator's
+caching and fragmentation are not included).
 """
 from __future__ import annotations
 
@@ -24,7 +30,8 @@ import sys
 import time
 from typing import Any, Callable
 
-TARGET_RATIO = 1.15
+TARGET_RATIO = 1.15  # masked-dense S3D step / dense step
+BLOCK_TARGETS = {0.75: 0.7, 0.9: 0.6}  # block-sparse / dense on resenc-s, 128^3, batch 2 (issue 14)
 
 
 def add_step_arguments(parser: argparse.ArgumentParser, arch: str) -> None:
@@ -41,11 +48,17 @@ def add_step_arguments(parser: argparse.ArgumentParser, arch: str) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_step_arguments(parser, "resenc-tiny")
+    parser.add_argument("--ratios", default="0.6,0.75,0.9",
+                        help="comma-separated static mask ratios (default: 0.6,0.75,0.9)")
+    parser.add_argument("--block-stages", type=int, default=None,
+                        help="encoder stages computed on blocks (default: S3D's: those whose blocks are >= 2 voxels)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--no-flops", action="store_true", help="skip the FLOPs count")
 
 
-def _setup(arch: str, batch: int, patch: int, device: str, seed: int):
-    """Network copies, optimisers and the batch shared by both sides."""
+def _setup(arch: str, batch: int, patch: int, device: str, seed: int, ratios=(0.75,),
+           block_stages: int | None = None) -> dict[str, Callable[[], None]]:
+    """One step function per side: ``dense``, ``masked@R`` and ``block@R`` for each ratio R."""
     import torch
 
     from volssl.config import ModelConfig
@@ -54,16 +67,14 @@ def _setup(arch: str, batch: int, patch: int, device: str, seed: int):
 
     torch.manual_seed(seed)
     net = build_model(ModelConfig(arch=arch, in_channels=1, out_channels=1))
-    dense = copy.deepcopy(net).to(device)
-    s3d = S3D(copy.deepcopy(net), S3DConfig()).to(device)
-    s3d.check_patch((patch,) * 3)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 1, patch, patch, patch, generator=gen).to(device)
 
     def sgd(params):
         return torch.optim.SGD(params, lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
 
-    opt_dense, opt_s3d = sgd(dense.parameters()), sgd(s3d.parameters())
+    dense = copy.deepcopy(net).to(device)
+    opt_dense = sgd(dense.parameters())
 
     def dense_step() -> None:
         opt_dense.zero_grad(set_to_none=True)
@@ -71,12 +82,26 @@ def _setup(arch: str, batch: int, patch: int, device: str, seed: int):
         loss.backward()
         opt_dense.step()
 
-    def s3d_step() -> None:
-        opt_s3d.zero_grad(set_to_none=True)
-        s3d(x).loss.backward()
-        opt_s3d.step()
+    steps: dict[str, Callable[[], None]] = {"dense": dense_step}
+    for ratio in ratios:
+        for kind, switch in (("masked", "off"), ("block", "on")):
+            cfg = S3DConfig(mask_ratio_range=None, mask_ratio=float(ratio), block_sparse=switch,
+                            block_stages=block_stages if switch == "on" else None)
+            torch.manual_seed(seed + 1)  # mask tokens and densification convs: the same initial values on every side
+            s3d = S3D(copy.deepcopy(net), cfg).to(device)
+            s3d.check_patch((patch,) * 3)
+            opt = sgd(s3d.parameters())
+            counter = [0]
 
-    return dense_step, s3d_step
+            def s3d_step(s3d=s3d, opt=opt, counter=counter) -> None:
+                opt.zero_grad(set_to_none=True)
+                torch.manual_seed(seed + counter[0])  # masked and block sides of a ratio: the same masks
+                counter[0] += 1
+                s3d(x).loss.backward()
+                opt.step()
+
+            steps[f"{kind}@{ratio:g}"] = s3d_step
+    return steps
 
 
 def _sync(device: str) -> None:
@@ -135,44 +160,84 @@ def cpu_peak_mib(step: Callable[[], None]) -> float:
     return peak / 2**20
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Time both steps (interleaved) and measure their peak memory; return one flat dict."""
-    import torch
+def count_flops(step: Callable[[], None]) -> int:
+    """Convolution and matmul FLOPs of one ``step`` (forward and backward), by ``FlopCounterMode``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return int(counter.get_total_flops())
+
+
+def _peak(step: Callable[[], None], device: str) -> float:
+    return _cuda_peak(step, device) if device.startswith("cuda") else cpu_peak_mib(step)
+
+
+def _time_sides(steps: dict[str, Callable[[], None]], repeats: int, warmup: int, device: str) -> dict[str, list[float]]:
     from tqdm import tqdm
+
+    names = list(steps)
+    for _ in range(warmup):
+        for name in names:
+            steps[name]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for i in tqdm(range(repeats), desc="bench step", unit="round", file=sys.stderr):
+        k = i % len(names)
+        for name in names[k:] + names[:k]:  # rotating order: every side sees the same load on average
+            times[name].append(_timed(steps[name], device))
+    return times
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Time every side (interleaved), count FLOPs, measure peak memory; return one dict with a row per ratio."""
+    import torch
 
     if args.repeats < 1 or args.warmup < 0 or args.batch < 1 or args.threads < 1:
         raise ValueError("bench step: --repeats, --batch and --threads must be >= 1 and --warmup >= 0")
+    try:
+        ratios = [float(r) for r in str(args.ratios).split(",") if r.strip()]
+    except ValueError:
+        raise ValueError(f"bench step: --ratios must be comma-separated numbers, got {args.ratios!r}") from None
+    if not ratios or not all(0.0 <= r < 1.0 for r in ratios):
+        raise ValueError(f"bench step: mask ratios must be in [0, 1), got {args.ratios!r}")
     device = _resolve_device(args.device)
     torch.set_num_threads(args.threads)
-    dense_step, s3d_step = _setup(args.arch, args.batch, args.patch, device, args.seed)
-    for _ in range(args.warmup):
-        dense_step()
-        s3d_step()
-    times: dict[str, list[float]] = {"dense": [], "s3d": []}
-    for i in tqdm(range(args.repeats), desc="bench step", unit="pair", file=sys.stderr):
-        order = (("dense", dense_step), ("s3d", s3d_step))
-        for kind, step in order if i % 2 == 0 else order[::-1]:
-            times[kind].append(_timed(step, device))
-    d_med, s_med = statistics.median(times["dense"]), statistics.median(times["s3d"])
-    d_min, s_min = min(times["dense"]), min(times["s3d"])
+    steps = _setup(args.arch, args.batch, args.patch, device, args.seed, ratios, args.block_stages)
+    times = _time_sides(steps, args.repeats, args.warmup, device)
+    med = {n: statistics.median(t) for n, t in times.items()}
+    low = {n: min(t) for n, t in times.items()}
+    flops = {} if args.no_flops else {n: count_flops(step) for n, step in steps.items()}
+    peaks = {} if args.no_memory else {n: round(_peak(step, device), 1) for n, step in steps.items()}
     result: dict[str, Any] = {
         "arch": args.arch, "batch": args.batch, "patch": args.patch, "device": device, "threads": args.threads,
-        "repeats": args.repeats,
-        "dense_ms": round(d_med * 1e3, 2), "s3d_ms": round(s_med * 1e3, 2),
-        "ratio": round(s_med / d_med, 3),
-        "dense_ms_min": round(d_min * 1e3, 2), "s3d_ms_min": round(s_min * 1e3, 2),
-        "ratio_min": round(s_min / d_min, 3),
-        "target_ratio": TARGET_RATIO, "meets_target": bool(s_med / d_med <= TARGET_RATIO),
+        "repeats": args.repeats, "dense_ms": round(med["dense"] * 1e3, 2), "dense_ms_min": round(low["dense"] * 1e3, 2),
     }
-    if not args.no_memory:
-        if device.startswith("cuda"):
-            result["dense_peak_mib"] = round(_cuda_peak(dense_step, device), 1)
-            result["s3d_peak_mib"] = round(_cuda_peak(s3d_step, device), 1)
-            result["memory_method"] = "torch.cuda.max_memory_allocated during one step"
-        else:
-            result["dense_peak_mib"] = round(cpu_peak_mib(dense_step), 1)
-            result["s3d_peak_mib"] = round(cpu_peak_mib(s3d_step), 1)
-            result["memory_method"] = "torch.profiler profile_memory: peak live tensor bytes during one step"
-        if result["dense_peak_mib"] > 0:
-            result["memory_ratio"] = round(result["s3d_peak_mib"] / result["dense_peak_mib"], 3)
+    if flops:
+        result["dense_gflop"] = round(flops["dense"] / 1e9, 2)
+    if peaks:
+        result["dense_peak_mib"] = peaks["dense"]
+        result["memory_method"] = ("torch.cuda.max_memory_allocated during one step" if device.startswith("cuda")
+                                   else "torch.profiler profile_memory: peak live tensor bytes during one step")
+    rows = []
+    for r in ratios:
+        m, b = f"masked@{r:g}", f"block@{r:g}"
+        row: dict[str, Any] = {
+            "mask_ratio": r, "masked_ms": round(med[m] * 1e3, 2), "block_ms": round(med[b] * 1e3, 2),
+            "masked_ratio": round(med[m] / med["dense"], 3), "block_ratio": round(med[b] / med["dense"], 3),
+            "block_ratio_min": round(low[b] / low["dense"], 3),
+        }
+        if flops:
+            row["flops_ratio"] = round(flops[b] / flops["dense"], 3)
+            row["block_vs_flops_limit"] = round(row["block_ratio"] / row["flops_ratio"], 3)
+        if r in BLOCK_TARGETS:
+            row["block_target"] = BLOCK_TARGETS[r]
+            row["meets_block_target"] = bool(row["block_ratio"] <= BLOCK_TARGETS[r])
+        if peaks:
+            row["masked_peak_mib"], row["block_peak_mib"] = peaks[m], peaks[b]
+        rows.append(row)
+    first = rows[0]
+    result.update({  # the masked-dense path at the first ratio, under its own target (the S3D step's overhead)
+        "s3d_ms": first["masked_ms"], "ratio": first["masked_ratio"], "target_ratio": TARGET_RATIO,
+        "meets_target": bool(first["masked_ratio"] <= TARGET_RATIO), "rows": rows,
+    })
     return result

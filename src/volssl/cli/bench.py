@@ -7,7 +7,7 @@ import json
 
 BENCHMARKS = {
     "loader": "patch stream vs whole-volume decoding (patches/s)",
-    "step": "S3D sparse pre-training step vs dense step (time, peak memory)",
+    "step": "S3D step, masked-dense and block-sparse, vs dense step at several mask ratios (time, FLOPs, memory)",
     "infer": "our sliding-window prediction vs MONAI's sliding_window_inference (voxels/s)",
     "augment": "AMAES augmentation batched on the device vs per-sample MONAI/TorchIO (samples/s)",
     "amaes_decoder": "AMAES pre-training step: light-weight decoder vs standard U-Net decoder (time)",
@@ -38,7 +38,12 @@ def _runner(module):
             print(json.dumps(result))
         else:
             for k, v in result.items():
-                print(f"{k:>28}: {v}")
+                if isinstance(v, list) and v and isinstance(v[0], dict):  # one line per row (bench step's ratios)
+                    print(f"{k:>28}:")
+                    for row in v:
+                        print(" " * 30 + ", ".join(f"{rk} {rv}" for rk, rv in row.items()))
+                else:
+                    print(f"{k:>28}: {v}")
         return 0
 
     return run

@@ -15,6 +15,7 @@ from volssl.config import MethodConfig, RunConfig
 from volssl.methods import MethodOutput
 from volssl.methods.backbone import method_on_backbone
 from volssl.methods.masking import block_mask
+from volssl.models.block_sparse import block_sides, encode_block_sparse
 from volssl.models.resenc_unet import ResEncUNet, init_weights
 from volssl.methods import register_method
 from volssl.methods.base import MethodBase
@@ -37,6 +38,14 @@ class S3DConfig(MethodConfig):
     mask_token: bool = True  # learnable per-stage token fills masked positions before decoding
     densify: bool = True  # 3x3x3 conv on every resolution but the highest before decoding
     loss_masked_only: bool = True  # L2 on masked voxels only (False: whole patch)
+    # encoder compute on the visible blocks only (models/block_sparse.py; same numbers as masked-dense):
+    # "on", "off" (masked-dense), "auto" (on with sparse_conv + masked_norm and a mean mask ratio >= 0.5)
+    block_sparse: str = "auto"
+    block_stages: int | None = None  # stem + stages [0, n) on blocks; None: every stage whose block is >= 2 voxels
+
+
+MIN_BLOCK_SIDE = 2  # stages whose mask blocks are one voxel wide (the bottleneck) stay masked-dense
+AUTO_MIN_RATIO = 0.5  # "auto": block-sparse from this mean mask ratio up (measured faster: docs/benchmarks.md)
 
 
 # --------------------------------------------------------------------------- the method
@@ -47,7 +56,8 @@ class S3D(MethodBase):
     Per step: a block mask is drawn on the encoder's bottleneck grid (blocks of ``mask_block``
     voxels, by default the total stride) with a static or per-sample U[lo, hi] ratio; the encoder
     sees the masked input with the mask re-applied after every conv/pool and visible-only norm
-    statistics; each stage's masked positions are filled with that stage's learnable mask token; a
+    statistics (computed on the visible blocks only with ``block_sparse``: :func:`block_stages`);
+    each stage's masked positions are filled with that stage's learnable mask token; a
     3^3 densification conv (conv + bias only: the decoder block that follows normalises) is applied
     at every resolution except the highest; the U-Net decoder (skips kept) reconstructs the input
     and the loss is the L2 error on masked voxels, in the z-scored intensity space of the input.
@@ -73,6 +83,13 @@ class S3D(MethodBase):
                 "smaller blocks cannot be masked exactly in the bottleneck (the masked regions would leak)")
         if cfg.mask_ratio_range is None and not 0.0 <= cfg.mask_ratio <= 1.0:
             raise ValueError(f"S3D: mask_ratio must be in [0, 1], got {cfg.mask_ratio}")
+        if cfg.block_sparse not in ("auto", "on", "off"):
+            raise ValueError(f"S3D: block_sparse must be 'auto', 'on' or 'off', got {cfg.block_sparse!r}")
+        if cfg.block_sparse == "on" and not (cfg.sparse_conv and cfg.masked_norm):
+            raise ValueError("S3D: block_sparse='on' needs sparse_conv and masked_norm (without them the masked "
+                             "blocks are not zero, so there is nothing to skip); use 'auto' or 'off'")
+        if cfg.block_stages is not None and not 0 <= cfg.block_stages <= len(enc.stages):
+            raise ValueError(f"S3D: block_stages must be in [0, {len(enc.stages)}], got {cfg.block_stages}")
         self.network = network
         self.cfg = cfg
         for head in network.decoder.seg_layers[:-1]:  # deep-supervision heads: unused here, so frozen
@@ -120,7 +137,12 @@ class S3D(MethodBase):
         """The step for a given ``mask`` (B, 1, *patch), 1 = visible, aligned to the mask block."""
         cfg, enc = self.cfg, self.network.encoder
         mask = mask.to(images.dtype)
-        skips = enc(images, mask, mask_input=cfg.mask_input, sparse_conv=cfg.sparse_conv, masked_norm=cfg.masked_norm)
+        n_block = self.block_stages(images.shape[2:])
+        if n_block:
+            skips = encode_block_sparse(enc, images, mask, n_block, mask_input=cfg.mask_input, unit=self.block)
+        else:
+            skips = enc(images, mask, mask_input=cfg.mask_input, sparse_conv=cfg.sparse_conv,
+                        masked_norm=cfg.masked_norm)
         if cfg.mask_token or cfg.densify:
             skips = [self._densify(s, x, mask[:, :, ::c, ::c, ::c]) for s, (x, c)
                      in enumerate(zip(skips, enc.cumulative_strides))]
@@ -135,6 +157,18 @@ class S3D(MethodBase):
                 "target": images[:, :1].detach(),
             }
         return MethodOutput(loss, previews)
+
+    def block_stages(self, patch_size) -> int:
+        """How many encoder stages (with the stem) run block-sparse for this patch: 0 = masked-dense."""
+        cfg = self.cfg
+        if cfg.block_sparse == "off" or not (cfg.sparse_conv and cfg.masked_norm):
+            return 0
+        sides = block_sides(self.network.encoder, self.block)
+        n = cfg.block_stages if cfg.block_stages is not None else sum(s >= MIN_BLOCK_SIDE for s in sides)
+        if cfg.block_sparse == "on":
+            return max(n, 1)
+        ratio = cfg.mask_ratio if cfg.mask_ratio_range is None else sum(cfg.mask_ratio_range) / 2
+        return n if ratio >= AUTO_MIN_RATIO else 0
 
     def _densify(self, stage: int, x: Tensor, mask: Tensor) -> Tensor:
         """Fill masked positions of stage ``stage``'s features with its token, then densify (stages >= 1)."""
