@@ -23,3 +23,11 @@ nvidia-smi --query-gpu=name,memory.total --format=csv || true
 $PY scripts/gpu_check.py \
   --presets "${PRESETS:-s3d-b,amaes-unet-b,mae-xnt,amaes-mednext-m,swinunetr-ssl,models-genesis,volume-fusion,voco,s3d-l}" \
   --steps "${STEPS:-10}" --device cuda --out "$OUT/gpu_check.json"
+# S3D block-sparse vs masked-dense vs dense step at the S3D-B size (issue 14; resenc-l at 160^3, batch 6 as in the
+# paper, bf16 as S3D-B trains), then the block-sparse step compiled: set STEP_BENCH=0 to skip.
+if [ "${STEP_BENCH:-1}" = 1 ]; then
+  $PY -m volssl bench step --json --device cuda --arch resenc-l --patch 160 --batch "${STEP_BATCH:-6}" \
+    --repeats 3 --warmup 1 --ratios 0.6,0.75,0.9 --no-flops --precision bf16 > "$OUT/bench_step_s3d_b.json" || true
+  cat "$OUT/bench_step_s3d_b.json" || true
+  $PY -m pytest -q tests/methods/test_s3d.py -k "compiles_under_bf16" || true
+fi

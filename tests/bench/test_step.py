@@ -73,3 +73,18 @@ def test_patch_not_divisible_by_the_mask_block_is_refused(capsys):
     # resenc-tiny's mask block is its total stride, 8: 36 is not a multiple of it
     assert main(["bench", "step", "--patch", "36", "--repeats", "1", "--no-memory"]) == 2
     assert "divisible" in capsys.readouterr().err
+
+
+def test_the_flops_model_predicts_the_counted_flops_of_the_block_sparse_step(capsys):
+    from volssl.bench.step import count_flops, flops_model
+
+    torch.set_num_threads(1)
+    steps = _setup("resenc-tiny", 1, 32, "cpu", 0, ratios=(0.75,))
+    counted = count_flops(steps["block@0.75"]) / count_flops(steps["dense"])
+    model = flops_model("resenc-tiny", 32, 0.75)
+    assert model["flops_ratio"] == pytest.approx(counted, rel=0.01)
+    assert model["visible_fraction"] == 0.25 and model["block_stages"] == 3
+    assert main(["bench", "step", "--json", "--flops-model", "--arch", "resenc-l", "--patch", "160",
+                 "--ratios", "0.75,0.9"]) == 0  # the real S3D-B size: shapes only
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert 0.4 < rows[1]["flops_ratio"] < rows[0]["flops_ratio"] < 0.7

@@ -238,3 +238,21 @@ def test_data_parallel_rows_draw_the_masks_and_loss_of_the_whole_batch():
     torch.testing.assert_close((halves[0] + halves[1]) / 2, whole)  # DDP's gradient average is exact
     with pytest.raises(ValueError, match="do not fit a global batch of 4"):
         s3d(x[:2], sample_offset=3, global_batch=4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (torch.compile and bf16 autocast on CUDA)")
+def test_block_sparse_step_compiles_under_bf16_autocast_on_a_gpu():
+    dense = make(block_sparse="off").cuda()
+    sparse = make(block_sparse="on").cuda()
+    sparse.load_state_dict(dense.state_dict())
+    compiled = torch.compile(sparse)
+    x = images().cuda()
+    losses = []
+    for m in (dense, compiled):
+        torch.manual_seed(5)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = m(x).loss
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[1] == pytest.approx(losses[0], rel=2e-2)
+    assert all(torch.isfinite(p.grad).all() for p in sparse.parameters() if p.grad is not None)

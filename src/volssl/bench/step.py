@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import statistics
 import sys
 import time
@@ -48,18 +49,29 @@ def add_step_arguments(parser: argparse.ArgumentParser, arch: str) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_step_arguments(parser, "resenc-tiny")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="fp32, or bf16 autocast around every side's forward (default: fp32)")
     parser.add_argument("--ratios", default="0.6,0.75,0.9",
                         help="comma-separated static mask ratios (default: 0.6,0.75,0.9)")
     parser.add_argument("--block-stages", type=int, default=None,
                         help="encoder stages computed on blocks (default: S3D's: those whose blocks are >= 2 voxels)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOPs count")
+    parser.add_argument("--flops-model", action="store_true",
+                        help="print only the FLOPs-model limit per ratio (shapes only: any size, no step is run)")
 
 
 def _setup(arch: str, batch: int, patch: int, device: str, seed: int, ratios=(0.75,),
-           block_stages: int | None = None) -> dict[str, Callable[[], None]]:
+           block_stages: int | None = None, precision: str = "fp32") -> dict[str, Callable[[], None]]:
     """One step function per side: ``dense``, ``masked@R`` and ``block@R`` for each ratio R."""
+    import contextlib
+
     import torch
+
+    def autocast():
+        if precision == "bf16":
+            return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     from volssl.config import ModelConfig
     from volssl.methods.s3d import S3D, S3DConfig
@@ -78,7 +90,8 @@ def _setup(arch: str, batch: int, patch: int, device: str, seed: int, ratios=(0.
 
     def dense_step() -> None:
         opt_dense.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.mse_loss(dense(x), x)
+        with autocast():
+            loss = torch.nn.functional.mse_loss(dense(x).float(), x)
         loss.backward()
         opt_dense.step()
 
@@ -97,7 +110,9 @@ def _setup(arch: str, batch: int, patch: int, device: str, seed: int, ratios=(0.
                 opt.zero_grad(set_to_none=True)
                 torch.manual_seed(seed + counter[0])  # masked and block sides of a ratio: the same masks
                 counter[0] += 1
-                s3d(x).loss.backward()
+                with autocast():
+                    loss = s3d(x).loss
+                loss.backward()
                 opt.step()
 
             steps[f"{kind}@{ratio:g}"] = s3d_step
@@ -169,6 +184,48 @@ def count_flops(step: Callable[[], None]) -> int:
     return int(counter.get_total_flops())
 
 
+def flops_model(arch: str, patch: int, ratio: float, block_stages: int | None = None) -> dict[str, float]:
+    """The FLOPs-model limit of the block-sparse step without running it: shapes only (meta tensors).
+
+    Counts one dense step and one masked-dense S3D step (batch 1, static ``ratio``) and the encoder's
+    block-sparse stages alone; the block-sparse step does the masked step's work minus the masked
+    fraction of those stages' (a block-sparse conv computes ``visible / all`` of a dense conv's
+    outputs). Batch size cancels. Returns GFLOP of each step and ``flops_ratio`` = block / dense.
+    """
+    import torch
+
+    from volssl.config import ModelConfig
+    from volssl.methods.s3d import S3D, S3DConfig
+    from volssl.models.registry import build_model
+
+    with torch.device("meta"):
+        net = build_model(ModelConfig(arch=arch, in_channels=1, out_channels=1))
+        s3d = S3D(copy.deepcopy(net), S3DConfig(mask_ratio_range=None, mask_ratio=ratio, block_sparse="off",
+                                                block_stages=block_stages))
+        x = torch.zeros(1, 1, patch, patch, patch)
+    s3d.check_patch(x.shape[2:])
+    n_stages = S3D(copy.deepcopy(net).to_empty(device="cpu"), dataclasses.replace(s3d.cfg, block_sparse="on")) \
+        .block_stages(x.shape[2:])
+    enc = s3d.network.encoder
+
+    def encoder_part() -> None:
+        h = enc.stem(x)
+        total = h.sum()
+        for stage in enc.stages[:n_stages]:
+            h = stage(h)
+            total = total + h.sum()
+        total.backward()
+
+    dense = count_flops(lambda: torch.nn.functional.mse_loss(net(x), x).backward())
+    masked = count_flops(lambda: s3d(x).loss.backward())
+    part = count_flops(encoder_part)
+    n_blocks = (patch // s3d.block) ** 3
+    visible = 1.0 - round(ratio * n_blocks) / n_blocks  # block_mask masks exactly round(r * n) blocks
+    block = masked - (1.0 - visible) * part
+    return {"dense_gflop": dense / 1e9, "masked_gflop": masked / 1e9, "block_gflop": block / 1e9,
+            "visible_fraction": visible, "block_stages": n_stages, "flops_ratio": block / dense}
+
+
 def _peak(step: Callable[[], None], device: str) -> float:
     return _cuda_peak(step, device) if device.startswith("cuda") else cpu_peak_mib(step)
 
@@ -200,9 +257,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"bench step: --ratios must be comma-separated numbers, got {args.ratios!r}") from None
     if not ratios or not all(0.0 <= r < 1.0 for r in ratios):
         raise ValueError(f"bench step: mask ratios must be in [0, 1), got {args.ratios!r}")
+    if args.flops_model:
+        rows = [{"mask_ratio": r, **{k: round(v, 4) for k, v in flops_model(args.arch, args.patch, r,
+                                                                         args.block_stages).items()}}
+                for r in ratios]
+        return {"arch": args.arch, "patch": args.patch, "model": "FlopCounterMode on meta tensors", "rows": rows}
     device = _resolve_device(args.device)
     torch.set_num_threads(args.threads)
-    steps = _setup(args.arch, args.batch, args.patch, device, args.seed, ratios, args.block_stages)
+    steps = _setup(args.arch, args.batch, args.patch, device, args.seed, ratios, args.block_stages, args.precision)
     times = _time_sides(steps, args.repeats, args.warmup, device)
     med = {n: statistics.median(t) for n, t in times.items()}
     low = {n: min(t) for n, t in times.items()}
@@ -210,7 +272,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     peaks = {} if args.no_memory else {n: round(_peak(step, device), 1) for n, step in steps.items()}
     result: dict[str, Any] = {
         "arch": args.arch, "batch": args.batch, "patch": args.patch, "device": device, "threads": args.threads,
-        "repeats": args.repeats, "dense_ms": round(med["dense"] * 1e3, 2), "dense_ms_min": round(low["dense"] * 1e3, 2),
+        "repeats": args.repeats, "precision": args.precision, "dense_ms": round(med["dense"] * 1e3, 2), "dense_ms_min": round(low["dense"] * 1e3, 2),
     }
     if flops:
         result["dense_gflop"] = round(flops["dense"] / 1e9, 2)

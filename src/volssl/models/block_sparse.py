@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from volssl.models.resenc_unet import LEAKY_SLOPE, BasicBlockD, ConvNormAct, _acc_dtype
+from volssl.models.resenc_unet import LEAKY_SLOPE, BasicBlockD, ConvNormAct, _acc_dtype, norm_grad_coefficients
 
 if TYPE_CHECKING:
     from volssl.models.resenc_unet import ResidualEncoder
@@ -215,10 +215,7 @@ class BlockNormAct(torch.autograd.Function):
             g = grad.to(acc)
         g_sum = _segment_sum(g.sum((2, 3, 4)), sample, b)  # d loss / d bias, per sample
         gz = _segment_sum(torch.einsum("nc...,nc...->nc", g, xc), sample, b)  # sum(g * x)
-        g_xhat = rstd * (gz - mean * g_sum)  # d loss / d weight, per sample
-        a = weight.to(acc) * rstd
-        coef_x = -a * rstd * g_xhat / cnt
-        const = a * (rstd * mean * g_xhat - g_sum) / cnt
+        g_xhat, a, coef_x, const = norm_grad_coefficients(g_sum, gz, mean, rstd, weight.to(acc), cnt)
 
         def per_block(t: Tensor) -> Tensor:
             return t[sample][..., None, None, None]

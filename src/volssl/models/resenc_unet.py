@@ -101,6 +101,20 @@ def masked_instance_norm(x: Tensor, mask: Tensor, weight: Tensor | None = None, 
     return torch.addcmul(shift, z.to(shift.dtype), scale).to(x.dtype)
 
 
+def norm_grad_coefficients(g_sum: Tensor, gz: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor,
+                           count: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The instance norm's backward per (sample, channel), from the sums over the visible voxels of
+    the output gradient ``g_sum = sum(g)`` and ``gz = sum(g * z)`` (``z`` the un-normalised input):
+    returns ``(g_xhat, a, coef_z, const)`` with ``dx = g * a + z * coef_z + const`` at visible voxels
+    and ``g_xhat = sum(g * xhat)`` (the weight's gradient per sample). Shapes broadcast together.
+    """
+    g_xhat = rstd * (gz - mean * g_sum)
+    a = weight * rstd
+    coef_z = -a * rstd * g_xhat / count
+    const = a * (rstd * mean * g_xhat - g_sum) / count
+    return g_xhat, a, coef_z, const
+
+
 class MaskedNormAct(torch.autograd.Function):
     """Fused masked instance norm -> re-mask -> optional LeakyReLU, with a hand-written backward.
 
@@ -145,10 +159,7 @@ class MaskedNormAct(torch.autograd.Function):
         count = count.to(acc)
         g_sum = g.sum(dims, keepdim=True)  # d loss / d bias, per sample
         gz = torch.einsum("bc...,bc...->bc", g, zc).view_as(g_sum)  # sum(g * z), no temporary
-        g_xhat = rstd * (gz - mean * g_sum)  # d loss / d weight, per sample: sum(g * xhat)
-        a = weight.to(acc).view(shape) * rstd
-        coef_z = -a * rstd * g_xhat / count
-        const = a * (rstd * mean * g_xhat - g_sum) / count
+        g_xhat, a, coef_z, const = norm_grad_coefficients(g_sum, gz, mean, rstd, weight.to(acc).view(shape), count)
         dx = (g * a).addcmul_(zc, coef_z).addcmul_(mc, const).to(z.dtype)
         grad_weight = g_xhat.sum(0).view(-1).to(weight.dtype)
         grad_bias = g_sum.sum(0).view(-1).to(weight.dtype)
