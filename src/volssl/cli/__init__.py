@@ -47,6 +47,7 @@ COMMAND_MODULES = [
     "report",  # volssl report
     "configs",  # volssl presets, volssl config show
     "models",  # volssl models, volssl import-checkpoint
+    "export",  # volssl export
     "bench",  # volssl bench loader|step|...
     "demo",  # volssl demo
     "benchmark",  # volssl benchmark

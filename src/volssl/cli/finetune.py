@@ -42,7 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                "FT/checkpoints/latest.pt and exit 0; rerun the same command with --resume.",
     )
     p.add_argument("--checkpoint", required=True, metavar="CKPT",
-                   help="pre-training run directory or checkpoint .pt (or an imported one); 'none': from scratch")
+                   help="pre-training run directory, checkpoint .pt (or an imported one), exported safetensors "
+                        "folder or hf://ORG/NAME[@REVISION]; 'none': from scratch")
     p.add_argument("--dataset", required=True, help="nnU-Net v2 raw dataset, or a preprocessed volssl dataset")
     p.add_argument("--out", required=True, metavar="FT", help="fine-tuning run directory")
     p.add_argument("--recipe", default=None, help="fine-tuning recipe (default: s3d; scratch with --checkpoint none)")
@@ -74,6 +75,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.set_defaults(func=_recipes)
 
 
+def _check_checkpoint_argument(checkpoint: str, option: str = "--checkpoint") -> None:
+    """A local checkpoint path must exist and be readable; an ``hf://ORG/NAME[@REVISION]`` address
+    must be well formed (it is downloaded when the checkpoint is loaded)."""
+    from volssl.util.errors import check_input_path
+    from volssl.util.hub import is_hub_reference, parse_hub_reference
+
+    if is_hub_reference(checkpoint):
+        parse_hub_reference(checkpoint)
+    else:
+        check_input_path(checkpoint, option)
+
+
 def _run(args: argparse.Namespace) -> int:
     from volssl.finetuning.finetune import finetune
     from volssl.training import distributed
@@ -83,7 +96,7 @@ def _run(args: argparse.Namespace) -> int:
     check_output_dir(args.out, "run folder")  # before any work (loading the checkpoint, preprocessing)
     scratch = str(args.checkpoint).lower() == "none"
     if not scratch:  # a missing path, a dangling link or a link loop: one line now, not a traceback later
-        check_input_path(args.checkpoint, "--checkpoint")
+        _check_checkpoint_argument(args.checkpoint)
     check_input_path(args.dataset, "--dataset", kind="dir")
     recipe = args.recipe or ("scratch" if scratch else "s3d")
     overrides = list(args.overrides)

@@ -22,7 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             "channels are reported and skipped; OUTPUT/predict.json lists everything."
         ),
     )
-    p.add_argument("--model", required=True, metavar="FT", help="fine-tuning run directory or checkpoint .pt file")
+    p.add_argument("--model", required=True, metavar="FT",
+                   help="fine-tuning run directory, checkpoint .pt file, exported safetensors folder or "
+                        "hf://ORG/NAME[@REVISION]")
     p.add_argument("--input", required=True, metavar="DIR", help="folder of volumes (or one volume file)")
     p.add_argument("--output", "--out", required=True, metavar="DIR",
                    help="output folder (created; checked to be writable before anything is predicted)")
@@ -70,7 +72,14 @@ def run(args: argparse.Namespace) -> int:
         if len(spacing) != 3 or not all(math.isfinite(v) and v > 0 for v in spacing):
             raise ValueError(f"--spacing must be three positive numbers X,Y,Z in mm, got {args.spacing!r}")
     mirror_axes = () if args.no_mirror else _axes(args.mirror_axes)
-    check_input_path(args.model, "--model")
+    from volssl.util.hub import is_hub_reference
+
+    if is_hub_reference(args.model):
+        from volssl.util.hub import parse_hub_reference
+
+        parse_hub_reference(args.model)  # a malformed address fails now; the download comes with the model
+    else:
+        check_input_path(args.model, "--model")
     check_input_path(args.input, "--input")
     check_output_dir(args.output, "--output folder")
 

@@ -19,10 +19,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Freeze a pre-training checkpoint's encoder, fit a linear 1x1x1 head on its multi-scale "
                     "features of a few labelled cases, and report the Dice on other labelled cases (never the "
                     "dataset's test split), next to the same probe on the randomly initialised network.")
-    p.add_argument("--checkpoint", required=True, help="pre-training run directory or checkpoint .pt")
+    p.add_argument("--checkpoint", required=True,
+                   help="pre-training run directory, checkpoint .pt, exported safetensors folder or "
+                        "hf://ORG/NAME[@REVISION]")
     p.add_argument("--dataset", required=True, help="labelled dataset: nnU-Net v2 raw, or preprocessed with the "
                                                     "checkpoint's plan")
-    p.add_argument("--work", default=None, help="where a raw dataset is preprocessed (default: RUN/probe_data)")
+    p.add_argument("--work", default=None, help="where a raw dataset is preprocessed (default: RUN/probe_data; "
+                                                 "required with an hf:// checkpoint and a raw dataset)")
     p.add_argument("--n-train", type=int, default=4, help="cases the head is fitted on (default 4)")
     p.add_argument("--n-eval", type=int, default=8, help="other cases it is scored on (default 8)")
     p.add_argument("--patches-per-case", type=int, default=4, help="patches per case (default 4)")
@@ -43,11 +46,17 @@ def _run(args: argparse.Namespace) -> int:
     for option in ("n_train", "n_eval", "patches_per_case", "steps"):
         if getattr(args, option) < 1:
             raise ValueError(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
-    check_input_path(args.checkpoint, "--checkpoint")
+    from volssl.cli.finetune import _check_checkpoint_argument
+    from volssl.util.hub import is_hub_reference
+
+    _check_checkpoint_argument(args.checkpoint)
     dataset = check_input_path(args.dataset, "--dataset", kind="dir")
     raw = not (dataset / "plan.json").is_file()  # a raw dataset is preprocessed into --work
     if raw and args.work:
         check_output_dir(args.work, "--work folder")
+    if raw and not args.work and is_hub_reference(args.checkpoint):
+        raise ValueError(f"--work: give a folder for the preprocessed probe data ({args.checkpoint} lives in the "
+                         "Hugging Face download cache, not in a run folder)")
 
     from volssl.finetuning.finetune import load_source
     from volssl.training.probe import Probe, ProbeConfig, prepare_probe_data, run_probe
@@ -55,9 +64,12 @@ def _run(args: argparse.Namespace) -> int:
     source = load_source(args.checkpoint)
     if source is None:
         raise ValueError("--checkpoint: give a pre-training run or checkpoint (the floor alone needs none)")
-    run_dir = Path(source.path).parent.parent if Path(source.path).parent.name == "checkpoints" else \
-        Path(source.path).parent
-    work = Path(args.work) if args.work else run_dir / "probe_data"
+    if args.work or is_hub_reference(source.path):
+        work = Path(args.work or "probe_data")  # hf:// with a preprocessed dataset: --work is not used
+    else:
+        run_dir = Path(source.path).parent.parent if Path(source.path).parent.name == "checkpoints" else \
+            Path(source.path).parent
+        work = run_dir / "probe_data"
     if raw and not args.work:
         check_output_dir(work, "probe data folder (--work)")
     root = prepare_probe_data(args.dataset, source.plan, work, progress=not args.json)

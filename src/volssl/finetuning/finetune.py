@@ -57,6 +57,7 @@ from volssl.finetuning.transfer import TransferReport, set_trainable, trainable_
 from volssl.training import distributed as D
 from volssl.training.augment import intensity_augment, spatial_augment
 from volssl.training.checkpoint import load_checkpoint
+from volssl.training.exported import locate_exported
 from volssl.training.optim import StepSchedule, build_optimizer
 from volssl.training.trainer import (
     AUGMENT_STREAM, RESUME_MUTABLE, VAL_BATCHES, VAL_STREAM, autocast_context, check_train_config, make_scaler,
@@ -64,6 +65,7 @@ from volssl.training.trainer import (
 )
 from volssl.training.loop import StepJob, run_loop
 from volssl.util.atomic import write_json_atomic
+from volssl.util.hub import is_hub_reference
 
 PRETRAIN_CHECKPOINTS = ("final.pt", "latest.pt")
 SOURCE_KINDS = ("pretrain", "import")
@@ -95,7 +97,12 @@ class Source:
 
 
 def resolve_source(path: str | os.PathLike) -> Path:
-    """A checkpoint file, or a pre-training run directory's ``checkpoints/final.pt`` (else ``latest.pt``)."""
+    """A checkpoint file, or a pre-training run directory's ``checkpoints/final.pt`` (else ``latest.pt``),
+    or an exported safetensors folder (``hf://ORG/NAME[@REVISION]`` is downloaded to one first;
+    :mod:`volssl.training.exported`)."""
+    exported = locate_exported(path)
+    if exported is not None:
+        return exported.resolve()
     path = Path(path).expanduser()
     if path.is_file():
         return path.resolve()
@@ -109,7 +116,9 @@ def resolve_source(path: str | os.PathLike) -> Path:
 
 
 def load_source(checkpoint: str | os.PathLike | None) -> Source | None:
-    """The pre-trained model of ``checkpoint`` (None or "none": training from scratch)."""
+    """The pre-trained model of ``checkpoint`` (None or "none": training from scratch): a checkpoint file,
+    a pre-training run directory, an exported safetensors folder or ``hf://ORG/NAME[@REVISION]``
+    (whose ``path`` is then that reference, for the run's records)."""
     if checkpoint is None or str(checkpoint).lower() == "none":
         return None
     file = resolve_source(checkpoint)
@@ -129,7 +138,8 @@ def load_source(checkpoint: str | os.PathLike | None) -> Source | None:
     method = (config.get("method") or {}).get("name") or "none"
     if kind == "import" or method == "none":
         method = str((data.get("source") or {}).get("format") or "import")
-    return Source(path=str(file), kind=kind, method=method, step=int(data.get("step") or 0), model=model,
+    where = str(checkpoint) if is_hub_reference(checkpoint) else str(file)
+    return Source(path=where, kind=kind, method=method, step=int(data.get("step") or 0), model=model,
                   network=data["network"], plan=data.get("plan"),
                   patch_size=tuple(int(p) for p in patch) if patch else None)
 

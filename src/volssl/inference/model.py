@@ -138,7 +138,13 @@ class FineTunedModel:
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """The checkpoint file of ``path``: the file itself, or a run directory's
-    ``checkpoints/final.pt`` (else ``best.pt``, else ``latest.pt``)."""
+    ``checkpoints/final.pt`` (else ``best.pt``, else ``latest.pt``); or an exported safetensors folder
+    (``hf://ORG/NAME[@REVISION]`` is downloaded to one first; :mod:`volssl.training.exported`)."""
+    from volssl.training.exported import locate_exported
+
+    exported = locate_exported(path)
+    if exported is not None:
+        return exported
     path = Path(path).expanduser()
     if path.is_file():
         return path
@@ -166,8 +172,8 @@ def load_finetuned(path: str | os.PathLike, device: torch.device | str = "cpu") 
     """Load a fine-tuned model (contract: docs/design.md, "Fine-tuned model").
 
     Args:
-        path: a run directory (``checkpoints/final.pt``, else ``best.pt``, else ``latest.pt``) or a
-            ``.pt`` file.
+        path: a run directory (``checkpoints/final.pt``, else ``best.pt``, else ``latest.pt``), a
+            ``.pt`` file, an exported safetensors folder or ``hf://ORG/NAME[@REVISION]``.
         device: where to put the network.
 
     Raises:

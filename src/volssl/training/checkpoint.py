@@ -67,11 +67,21 @@ def save_checkpoint(path: str | os.PathLike, **payload: Any) -> Path:
 def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> dict[str, Any]:
     """Read a volssl checkpoint with ``weights_only=True`` onto the CPU.
 
+    ``path`` may also be an exported safetensors folder (``model.safetensors`` + ``config.json``) or
+    ``hf://ORG/NAME[@REVISION]`` (a Hub repository holding one, downloaded through huggingface_hub's
+    cache): the same payload, without optimiser state (:mod:`volssl.training.exported`).
+
     Raises FileNotFoundError if ``path`` does not exist (or is a link to a missing file) and
     ValueError naming the file if it is a folder, truncated/corrupt, fails its checksum (``verify``;
     a file without a checksum is not verified), holds objects other than tensors and plain
-    containers, or is not a volssl checkpoint.
+    containers, or is not a volssl checkpoint; a Hub reference that cannot be downloaded raises
+    :class:`volssl.util.hub.HubUnreachable` (a ConnectionError) naming the repository.
     """
+    from volssl.training.exported import locate_exported, read_exported
+
+    exported = locate_exported(path)
+    if exported is not None:
+        return read_exported(exported, reference=str(path))
     path = Path(path)
     try:
         mode = os.stat(path).st_mode
