@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) install -q $(PIPFLAGS) "torch==$$(sed -n 's/^torch==//p' constraints.txt)"
 	$(PIP) install -q $(PIPFLAGS) -e '.[test]'
+	# nnU-Net v2's loader and its network classes, without their dependencies: the export test loads into them
+	$(PIP) install -q $(PIPFLAGS) --no-deps nnunetv2 dynamic-network-architectures
 	$(BIN)/python scripts/check_env.py
 	touch $(STAMP)
 

@@ -15,7 +15,9 @@ For every *arm* (a pre-training method plus its fine-tuning recipe, or a from-sc
 
 Resumable: a cell whose metrics.json exists is not recomputed, a finished pre-training is reused,
 an interrupted one continues from its latest checkpoint. Cells run ``workers`` at a time (spawned
-processes, one CPU thread each).
+processes, one CPU thread each), or, with a ``launcher`` (:mod:`volssl.launch`: submitit's LocalExecutor or
+SLURM), each cell and each pre-training is one job with the launcher's resources (``cpus_per_task`` torch
+threads); results, resume and failures are the same either way.
 
 Scales (:class:`BenchScale`): ``tiny`` (the demo scale: 64^3 phantoms at 2 mm, 32^3 patches, the
 presets' ``-tiny`` siblings, a few hundred steps; fits 2 CPU cores), ``evidence`` (does pre-training
@@ -32,13 +34,16 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from volssl.experiment import AGGLOMERATION_THRESHOLDS, DEFAULT_TASK, FitSpec, fit_predict_score, get_task, \
     task_of_dataset
 from volssl.presets.arms import Arm, get_arms  # the arms are registered by the preset modules, next to their presets
 from volssl.util.atomic import write_json_atomic
 from volssl.util.workers import watched_pool
+
+if TYPE_CHECKING:  # volssl.launch (submitit) is imported only when a launcher is given
+    from volssl.launch import LaunchSpec
 
 # AGGLOMERATION_THRESHOLDS (from volssl.experiment): thresholds predicted for instance datasets; the first is reported
 #: phantom kind -> the domain of its unlabeled pool; domain -> the phantom kind the pool is made of
@@ -111,9 +116,9 @@ def run_cell(job: dict[str, Any]) -> dict[str, Any]:
     (:mod:`volssl.experiment`): instance cells keep theirs in ``run/instances`` and report the first
     agglomeration threshold in metrics.json, every one in threshold_sweep.json.
     """
-    import torch
-
     if job.get("threads"):
+        import torch
+
         torch.set_num_threads(int(job["threads"]))
     run = Path(job["run"])
     metrics = run / "metrics.json"
@@ -155,9 +160,13 @@ def safe_cell(job: dict[str, Any]) -> dict[str, Any]:
     try:
         return run_cell(job)
     except Exception as e:  # noqa: BLE001 - one broken cell must not cost the others
-        return {"method": job["method"], "dataset": job["dataset_name"], "n_train": job["n_train"],
-                "seed": job["seed"], "run": job["run"], "error": describe_error(e),
-                "generalisation": [], "seconds": None}
+        return failed_cell(job, describe_error(e))
+
+
+def failed_cell(job: dict[str, Any], why: str) -> dict[str, Any]:
+    """The record of a cell that failed (``why``: the error, or why its launcher job ended)."""
+    return {"method": job["method"], "dataset": job["dataset_name"], "n_train": job["n_train"],
+            "seed": job["seed"], "run": job["run"], "error": why, "generalisation": [], "seconds": None}
 
 
 def _means(metrics: Path) -> dict[str, float | None]:
@@ -238,15 +247,17 @@ class BenchmarkSpec:
 
 
 def run_benchmark(out: str | Path, spec: BenchmarkSpec, workers: int = 2, device: str = "cpu",
-                  report: bool = True) -> dict[str, Any]:
+                  report: bool = True, launcher: LaunchSpec | None = None) -> dict[str, Any]:
     """Run the comparison ``spec`` into ``out`` (see the module docstring); returns ``benchmark.json``'s content.
 
     Args:
         out: the benchmark folder (rerunning resumes).
         spec: methods, datasets, cells, scale and draws (:class:`BenchmarkSpec`).
-        workers: cells fine-tuned in parallel (one thread each).
+        workers: cells fine-tuned in parallel (one thread each); unused with a ``launcher``.
         device: "cpu", "cuda", ... (fine-tuning and prediction).
         report: write ``out/report`` (``volssl report``).
+        launcher: run each pre-training and each cell as a submitit job (:class:`volssl.launch.LaunchSpec`;
+            its ``max_parallel`` jobs at once); None: this machine's process pool.
     """
     if spec.scale not in SCALES:
         raise ValueError(f"unknown benchmark scale {spec.scale!r}; choose one of {', '.join(SCALES)}")
@@ -255,7 +266,7 @@ def run_benchmark(out: str | Path, spec: BenchmarkSpec, workers: int = 2, device
                                n_trains=list(sc.n_trains if spec.n_trains is None else spec.n_trains))
     draws = list(sc.draws if spec.draws is None and sc.draws else spec.draws or [])
     if draws:
-        return _run_draws(out, spec, draws, workers, device, report)
+        return _run_draws(out, spec, draws, workers, device, report, launcher)
     if spec.pretrain_steps or spec.finetune_steps or spec.n_labeled:
         sc = dataclasses.replace(sc, pretrain_steps=spec.pretrain_steps or sc.pretrain_steps,
                                  finetune_steps=spec.finetune_steps or sc.finetune_steps,
@@ -280,14 +291,16 @@ def run_benchmark(out: str | Path, spec: BenchmarkSpec, workers: int = 2, device
     arms = [arms_by_name[m] for m in methods]
 
     # 1. pre-training, once per (arm, domain) --------------------------------------------------------
-    checkpoints, broken = _pretrain_arms(arms, spec, data, out, sc)
+    checkpoints, broken = (_pretrain_arms(arms, spec, data, out, sc) if launcher is None
+                           else _pretrain_arms_launched(arms, spec, data, out, sc, launcher))
 
     # 2./3. cells -----------------------------------------------------------------------------------
     jobs = _cell_jobs(arms, spec, data, pairs, out, sc, checkpoints, broken, device)
     n_trains, seeds = spec.n_trains, spec.seeds
     _say(f"{len(jobs)} fine-tuning cells ({len(arms)} methods x {len(datasets)} datasets x n_train "
-         f"{['all' if n is None else n for n in n_trains]} x seeds {list(seeds)}), {workers} at a time")
-    results = _run_cells(jobs, workers)
+         f"{['all' if n is None else n for n in n_trains]} x seeds {list(seeds)}), "
+         + (f"{workers} at a time" if launcher is None else _as_jobs(launcher)))
+    results = _run_cells(jobs, workers, launcher)
     failed = [r for r in results if "error" in r]
 
     # 4. report ---------------------------------------------------------------------------------------
@@ -309,6 +322,16 @@ def run_benchmark(out: str | Path, spec: BenchmarkSpec, workers: int = 2, device
     return summary
 
 
+#: what a failed pre-training raises (anything else is a bug and stops the benchmark)
+PRETRAIN_ERRORS = (RuntimeError, ValueError, KeyError, FileNotFoundError)
+
+
+def _probe_dataset(spec: BenchmarkSpec, data: dict[str, dict[str, Any]], domain: str) -> str | None:
+    """The first dataset of ``domain`` whose task has a representation probe (None: none)."""
+    return next((str(data[d]["raw"]) for d in spec.datasets if data[d]["domain"] == domain
+                 and get_task(data[d]["task"]).probe), None)
+
+
 def _pretrain_arms(arms: list[Arm], spec: BenchmarkSpec, data: dict[str, dict[str, Any]], out: Path,
                    sc: BenchScale) -> tuple[dict[tuple[str, str], str | None], dict[tuple[str, str], str]]:
     """Pre-train every arm once per domain of ``spec.datasets``: ``({(arm, domain): checkpoint or None},
@@ -319,14 +342,72 @@ def _pretrain_arms(arms: list[Arm], spec: BenchmarkSpec, data: dict[str, dict[st
     for arm in arms:
         for domain in sorted({data[d]["domain"] for d in datasets}):
             try:
-                probe = next((str(data[d]["raw"]) for d in datasets if data[d]["domain"] == domain
-                              and get_task(data[d]["task"]).probe), None)
+                probe = _probe_dataset(spec, data, domain)
                 checkpoints[(arm.name, domain)] = (None if arm.preset is None else
                                                    _pretrain(arm, domain, out, sc, spec.seed, spec.unlabeled, probe))
-            except (RuntimeError, ValueError, KeyError, FileNotFoundError) as e:  # the other arms go on
+            except PRETRAIN_ERRORS as e:  # the other arms go on
                 broken[(arm.name, domain)] = f"pre-training failed: {type(e).__name__}: {e}"
                 _say(f"  {arm.name}@{domain}: {broken[(arm.name, domain)]} (rerun to retry)")
     return checkpoints, broken
+
+
+def _pretrain_arms_launched(arms: list[Arm], spec: BenchmarkSpec, data: dict[str, dict[str, Any]], out: Path,
+                            sc: BenchScale, launcher: LaunchSpec
+                            ) -> tuple[dict[tuple[str, str], str | None], dict[tuple[str, str], str]]:
+    """:func:`_pretrain_arms` with each pre-training a launcher job (all at once, up to the launcher's
+    ``max_parallel``). The unlabeled pools are preprocessed here first, so no two jobs write one pool."""
+    from volssl.launch import map_jobs
+
+    checkpoints: dict[tuple[str, str], str | None] = {}
+    broken: dict[tuple[str, str], str] = {}
+    jobs = []
+    for arm in arms:
+        for domain in sorted({data[d]["domain"] for d in spec.datasets}):
+            final = out / "pretrain" / f"{arm.name}@{domain}" / "checkpoints" / "final.pt"
+            if arm.preset is None or final.exists():
+                checkpoints[(arm.name, domain)] = None if arm.preset is None else str(final)
+                continue
+            try:
+                _prepare_pool(arm, domain, out, sc, spec.seed, spec.unlabeled)
+            except PRETRAIN_ERRORS as e:
+                broken[(arm.name, domain)] = f"pre-training failed: {type(e).__name__}: {e}"
+                continue
+            jobs.append({"arm": arm, "domain": domain, "out": str(out), "scale": sc, "seed": spec.seed,
+                         "unlabeled": spec.unlabeled, "probe": _probe_dataset(spec, data, domain),
+                         "threads": launcher.cpus_per_task})
+    if jobs:
+        _say(f"{len(jobs)} pre-training(s) as {_as_jobs(launcher)}")
+    results = map_jobs(pretrain_arm, jobs, launcher, on_failure=lambda job, why: {"error": why})
+    for job, r in zip(jobs, results):
+        key = (job["arm"].name, job["domain"])
+        if "error" in r:
+            broken[key] = r["error"] if r["error"].startswith("pre-training failed") else \
+                f"pre-training failed: {r['error']}"
+        else:
+            checkpoints[key] = r["checkpoint"]
+    for (arm_name, domain), why in broken.items():
+        _say(f"  {arm_name}@{domain}: {why} (rerun to retry)")
+    return checkpoints, broken
+
+
+def pretrain_arm(job: dict[str, Any]) -> dict[str, Any]:
+    """A launcher job: pre-train ``job["arm"]`` on the ``job["domain"]`` pool (already preprocessed);
+    ``{"checkpoint": final.pt}`` or ``{"error": why}``."""
+    if job.get("threads"):
+        import torch
+
+        torch.set_num_threads(int(job["threads"]))
+    try:
+        return {"checkpoint": _pretrain(job["arm"], job["domain"], Path(job["out"]), job["scale"], job["seed"],
+                                        job["unlabeled"], job["probe"], prepared=True)}
+    except PRETRAIN_ERRORS as e:
+        return {"error": f"pre-training failed: {type(e).__name__}: {e}"}
+
+
+def _as_jobs(launcher: LaunchSpec) -> str:
+    """``"local jobs, 2 at a time (logs: DIR)"`` for the progress lines."""
+    at_once = "all at once" if launcher.max_parallel is None else f"{launcher.max_parallel} at a time"
+    return f"{launcher.kind} jobs, {at_once} (logs: {launcher.folder})"
 
 
 def _arm_overrides(arm: Arm, sc: BenchScale) -> list[str]:
@@ -379,8 +460,12 @@ def _cell_jobs(arms: list[Arm], spec: BenchmarkSpec, data: dict[str, dict[str, A
     return jobs
 
 
-def _run_cells(jobs: list[dict[str, Any]], workers: int) -> list[dict[str, Any]]:
-    """:func:`safe_cell` of every job, ``workers`` at a time (spawned processes), in job order."""
+def _run_cells(jobs: list[dict[str, Any]], workers: int, launcher: LaunchSpec | None = None
+               ) -> list[dict[str, Any]]:
+    """:func:`safe_cell` of every job, ``workers`` at a time (spawned processes), or each one launcher job
+    (``launcher.cpus_per_task`` threads; a job that fails is a failed cell), in job order."""
+    if launcher is not None:
+        return _run_cells_launched(jobs, launcher)
     results = []
     if workers <= 1:
         for job in jobs:
@@ -393,6 +478,30 @@ def _run_cells(jobs: list[dict[str, Any]], workers: int) -> list[dict[str, Any]]
     return results
 
 
+def _run_cells_launched(jobs: list[dict[str, Any]], launcher: LaunchSpec) -> list[dict[str, Any]]:
+    """:func:`_run_cells` through ``launcher``: finished cells (metrics.json, and every generalisation
+    target's) are read back here, the others each run as one job; results in job order."""
+    from volssl.launch import map_jobs
+
+    def finished(job: dict[str, Any]) -> bool:
+        return all((Path(r) / "metrics.json").exists() for r in [job["run"], *(g["run"] for g in job["generalisation"])])
+
+    results: list[dict[str, Any] | None] = [None] * len(jobs)
+    todo = []
+    for i, job in enumerate(jobs):
+        if finished(job):
+            results[i] = _done(safe_cell({**job, "threads": None}))
+        else:
+            todo.append(i)
+    if len(todo) < len(jobs):
+        _say(f"{len(jobs) - len(todo)} finished cell(s) read back; {len(todo)} to run as jobs")
+    ran = map_jobs(safe_cell, [{**jobs[i], "threads": launcher.cpus_per_task} for i in todo], launcher,
+                   on_failure=failed_cell, on_done=_done)
+    for i, r in zip(todo, ran):
+        results[i] = r
+    return results  # type: ignore[return-value]
+
+
 def twins_of(methods: Sequence[str]) -> dict[str, str]:
     """``{arm: its from-scratch twin}`` for the arms of ``methods`` whose twin is also in ``methods``."""
     arms = get_arms()
@@ -400,7 +509,7 @@ def twins_of(methods: Sequence[str]) -> dict[str, str]:
 
 
 def _run_draws(out: str | Path, spec: BenchmarkSpec, draws: Sequence[int], workers: int, device: str,
-               report: bool) -> dict[str, Any]:
+               report: bool, launcher: LaunchSpec | None = None) -> dict[str, Any]:
     """:func:`run_benchmark` once per draw into ``out/draw<k>`` (seed ``k``), then one report over all draws."""
     from volssl.reports.report import make_report
 
@@ -410,7 +519,7 @@ def _run_draws(out: str | Path, spec: BenchmarkSpec, draws: Sequence[int], worke
     for k in draws:
         _say(f"draw {k} of {list(draws)} -> {out / f'draw{k}'}")
         per_draw[int(k)] = run_benchmark(out / f"draw{k}", dataclasses.replace(spec, seed=int(k), draws=[]),
-                                         workers, device, report=False)
+                                         workers, device, report=False, launcher=launcher)
     summary: dict[str, Any] = {"draws": {str(k): v for k, v in per_draw.items()}, "seconds": round(time.time() - t0, 1),
                                "failed": sum(v["failed"] for v in per_draw.values())}
     if report:
@@ -500,21 +609,30 @@ def _scaled_plan(name: str, sc: BenchScale):
     return plan
 
 
-def _pretrain(arm: Arm, domain: str, out: Path, sc: BenchScale, seed: int, unlabeled: str | None,
-              probe_dataset: str | None = None) -> str:
-    """Pre-train ``arm`` on the ``domain`` pool (resumed if interrupted); its final checkpoint. With the
-    scale's ``probe_every``, the representation probe runs on ``probe_dataset`` during pre-training."""
-    from volssl.config import resolve
+def _prepare_pool(arm: Arm, domain: str, out: Path, sc: BenchScale, seed: int, unlabeled: str | None) -> Path:
+    """The ``domain`` pool preprocessed with ``arm``'s plan into ``out/pool/<domain>/<plan>`` (resumable)."""
     from volssl.data.preprocess import preprocess
+
+    plan = _scaled_plan(arm.plan, sc)
+    pre = out / "pool" / domain / plan.name
+    preprocess(_pool(domain, out, sc, seed, unlabeled), pre, plan=plan, workers=2, progress=False)
+    return pre
+
+
+def _pretrain(arm: Arm, domain: str, out: Path, sc: BenchScale, seed: int, unlabeled: str | None,
+              probe_dataset: str | None = None, prepared: bool = False) -> str:
+    """Pre-train ``arm`` on the ``domain`` pool (resumed if interrupted); its final checkpoint. With the
+    scale's ``probe_every``, the representation probe runs on ``probe_dataset`` during pre-training.
+    ``prepared``: the pool is already preprocessed (:func:`_prepare_pool`; launcher jobs)."""
+    from volssl.config import resolve
     from volssl.training.trainer import pretrain, resume_or_start_over
 
     run = out / "pretrain" / f"{arm.name}@{domain}"
     final = run / "checkpoints" / "final.pt"
     if final.exists():
         return str(final)
-    plan = _scaled_plan(arm.plan, sc)
-    pre = out / "pool" / domain / plan.name
-    preprocess(_pool(domain, out, sc, seed, unlabeled), pre, plan=plan, workers=2, progress=False)  # resumable
+    pre = (out / "pool" / domain / _scaled_plan(arm.plan, sc).name if prepared
+           else _prepare_pool(arm, domain, out, sc, seed, unlabeled))
     overrides = [f"train.seed={seed}"]
     if sc.pretrain_steps:
         every = max(sc.pretrain_steps // 4, 1)

@@ -18,6 +18,13 @@ Outputs: ``OUT/trials.csv`` (one row per trial: state, value, parameters, thresh
 ``OUT/best.json`` (best value, parameters and the recipe overrides reproducing it),
 ``OUT/search.md`` and ``OUT/search.png`` (score per trial, and per value of each parameter).
 
+With a *launcher* (``--launcher local|slurm``, :mod:`volssl.launch`) this process draws the trials and
+each one runs as a submitit job with the launcher's resources: rounds of up to ``max_parallel`` trials
+(default all that are missing) are drawn (``study.ask``), run as jobs and their scores told to the study
+here (this process keeps the trials' heartbeat while their jobs run, so a study whose driver died has its
+trials failed and queued again like any other). A job that fails is a failed trial; resume, pruning of
+repeated draws and the outputs are the same as without a launcher.
+
 Each trial draws from a random stream seeded by ``(seed, number of trials so far)``, so a resumed study
 continues with new draws instead of repeating the first ones; processes working on one study in
 parallel should be given different ``--seed`` values. A draw equal to an already evaluated parameter
@@ -30,12 +37,16 @@ import hashlib
 import json
 import math
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from volssl.util.atomic import atomic_path, write_json_atomic, write_text_atomic
+
+if TYPE_CHECKING:  # volssl.launch (submitit) is imported only when a launcher is given
+    from volssl.launch import LaunchSpec
 
 MAX_CONSECUTIVE_FAILURES = 3
 #: hyper-parameter name -> the recipe override it sets ("steps" and "hours" set the stage lengths)
@@ -168,13 +179,31 @@ def run_trial(space: SearchSpace, params: dict[str, float], setup: TrialSetup, o
     return result
 
 
+def trial_job(job: dict[str, Any]) -> dict[str, Any]:
+    """A launcher job: :func:`run_trial` of ``job``'s ``space``, ``params``, ``setup`` and ``out`` (with
+    ``threads`` torch threads); ``{"error": why}`` when it raises."""
+    from volssl.util.errors import describe_error
+
+    try:
+        if job.get("threads"):
+            import torch
+
+            torch.set_num_threads(int(job["threads"]))
+        return run_trial(job["space"], job["params"], job["setup"], Path(job["out"]))
+    except Exception as e:  # noqa: BLE001 - a failed trial, reported to the study
+        return {"error": describe_error(e)}
+
+
 def run_search(space: str | SearchSpace, trials: int, setup: TrialSetup, out: str | Path,
-               storage: str | None = None, study_name: str | None = None, progress: bool = True) -> dict[str, Any]:
+               storage: str | None = None, study_name: str | None = None, progress: bool = True,
+               launcher: LaunchSpec | None = None) -> dict[str, Any]:
     """Run (or resume, or join) the random search until the study has ``trials`` completed trials.
 
     ``setup``: the checkpoint, dataset and settings every trial shares (:class:`TrialSetup`);
     ``storage``: Optuna storage URL (default ``sqlite:///OUT/study.db``); ``study_name``: default
-    ``volssl-<space>``. Returns ``best.json``'s content. See the module docstring for the files written.
+    ``volssl-<space>``; ``launcher``: run each trial as a submitit job (:class:`volssl.launch.LaunchSpec`;
+    None: one trial after the other in this process). Returns ``best.json``'s content. See the module
+    docstring for the files written.
     """
     import optuna
 
@@ -188,7 +217,10 @@ def run_search(space: str | SearchSpace, trials: int, setup: TrialSetup, out: st
                             else "give a pre-trained --checkpoint"))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    study = _open_study(sp, out, storage, study_name, setup.seed)
+    study, store = _open_study(sp, out, storage, study_name, setup.seed)
+    if launcher is not None:
+        _search_with_launcher(study, store, sp, trials, setup, out, launcher)
+        return write_results(study, sp, out, setup.steps_per_hour)
 
     def completed_keys() -> set[str]:
         return {trial_key(t.params) for t in study.get_trials(deepcopy=False)
@@ -236,9 +268,10 @@ def run_search(space: str | SearchSpace, trials: int, setup: TrialSetup, out: st
     return write_results(study, sp, out, setup.steps_per_hour)
 
 
-def _open_study(sp: SearchSpace, out: Path, storage: str | None, study_name: str | None, seed: int) -> Any:
+def _open_study(sp: SearchSpace, out: Path, storage: str | None, study_name: str | None, seed: int
+                ) -> tuple[Any, Any]:
     """The Optuna study of ``sp`` in ``storage`` (created, or loaded to resume / join it), stale trials failed
-    and failed trials queued again once (their run resumes from its checkpoint)."""
+    and failed trials queued again once (their run resumes from its checkpoint); and the storage."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -256,7 +289,106 @@ def _open_study(sp: SearchSpace, out: Path, storage: str | None, study_name: str
         if t.state == optuna.trial.TrialState.FAIL and t.params and trial_key(t.params) not in done_params | queued:
             study.enqueue_trial(t.params)
             queued.add(trial_key(t.params))
-    return study
+    return study, store
+
+
+def _search_with_launcher(study: Any, store: Any, sp: SearchSpace, trials: int, setup: TrialSetup, out: Path,
+                          launcher: LaunchSpec) -> None:
+    """Rounds of trials drawn here and run as launcher jobs until ``trials`` are complete (module docstring);
+    RuntimeError after :data:`MAX_CONSECUTIVE_FAILURES` failed trials in a row."""
+    import optuna
+
+    from volssl.launch import map_jobs
+
+    n_space = math.prod(len(v) for v in sp.params.values())
+    failures = 0
+    while True:
+        complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        done, n_done = {trial_key(t.params) for t in complete}, len(complete)
+        if n_done >= trials:
+            return
+        if len(done) >= n_space:
+            print(f"volssl search: all {n_space} parameter sets of {sp.name!r} are evaluated", file=sys.stderr)
+            return
+        missing = trials - n_done
+        batch = _ask_trials(study, sp, setup.seed, min(missing, launcher.max_parallel or missing), done, n_space)
+        if not batch:
+            return
+        _say(f"{len(batch)} trial(s) as {launcher.kind} jobs ({n_done} of {trials} complete; logs: {launcher.folder})")
+        jobs = [{"space": sp, "params": params, "setup": setup, "out": str(out), "threads": launcher.cpus_per_task}
+                for _, params in batch]
+        results = map_jobs(trial_job, jobs, launcher, on_failure=lambda job, why: {"error": why},
+                           poll=_heartbeat(store, [trial for trial, _ in batch]))
+        worst = 0
+        for (trial, params), result in zip(batch, results):
+            failures = failures + 1 if _tell(study, trial, params, result) else 0
+            worst = max(worst, failures)
+        if worst >= MAX_CONSECUTIVE_FAILURES:
+            last = next(r for r in reversed(results) if "error" in r)
+            raise RuntimeError(f"search {sp.name}: {worst} trials in a row failed; last: {last['error']} "
+                               f"(run {out / 'trials'})")
+
+
+def _ask_trials(study: Any, sp: SearchSpace, seed: int, k: int, taken: set[str], n_space: int
+                ) -> list[tuple[Any, dict[str, float]]]:
+    """Up to ``k`` new trials of ``study`` (queued ones first), each with a parameter set not in ``taken``
+    nor drawn before in the batch (a repeat is told PRUNED and drawn anew, as without a launcher)."""
+    import optuna
+
+    taken = set(taken)
+    batch: list[tuple[Any, dict[str, float]]] = []
+    for _ in range(20 * k + 20):
+        if len(batch) >= k or len(taken) >= n_space:
+            break
+        study.sampler = optuna.samplers.RandomSampler(seed=seed * 1_000_003 + len(study.trials))
+        with warnings.catch_warnings():  # "heartbeat ... with Study.optimize": _heartbeat keeps it here
+            warnings.filterwarnings("ignore", message="Heartbeat of storage", category=UserWarning)
+            trial = study.ask()
+        params = {name: trial.suggest_categorical(name, list(values)) for name, values in sp.params.items()}
+        if trial_key(params) in taken:  # drawn again: no new information, draw anew
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            continue
+        taken.add(trial_key(params))
+        batch.append((trial, params))
+    return batch
+
+
+def _heartbeat(store: Any, trials: list[Any], every_s: float = 30.0) -> Callable[[], None]:
+    """A ``poll`` for :func:`volssl.launch.map_jobs` that records the heartbeat of ``trials`` every ``every_s``
+    (Optuna's stale-trial check fails them if this process dies); records it once now."""
+    last = [0.0]
+
+    def beat() -> None:
+        if time.monotonic() - last[0] >= every_s:
+            for trial in trials:
+                store.record_heartbeat(trial._trial_id)  # noqa: SLF001 - Optuna's own heartbeat uses the id
+            last[0] = time.monotonic()
+
+    beat()
+    return beat
+
+
+def _tell(study: Any, trial: Any, params: dict[str, float], result: dict[str, Any]) -> bool:
+    """Report one launcher job's ``result`` to the study; True when the trial failed."""
+    import optuna
+
+    shown = ", ".join(f"{k}={v:g}" for k, v in params.items())
+    if "error" in result:
+        trial.set_user_attr("error", result["error"])
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        _say(f"  trial {trial.number} ({shown}) FAILED: {result['error']} (rerun to retry)")
+        return True
+    trial.set_user_attr("run", result["run"])
+    trial.set_user_attr("threshold", result["threshold"])
+    value = result["value"]
+    study.tell(trial, value if math.isfinite(value) else float("nan"))
+    _say(f"  trial {trial.number} ({shown}): {value:.4f}" + (f" at threshold {result['threshold']}"
+                                                             if result.get("threshold") is not None else ""))
+    return not math.isfinite(value)
+
+
+def _say(msg: str) -> None:
+    print(f"[volssl search] {msg}", flush=True)
 
 
 def write_results(study: Any, space: SearchSpace, out: Path, steps_per_hour: float | None = None) -> dict[str, Any]:

@@ -86,7 +86,7 @@ def test_hf_offline_is_one_clear_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("command", ["finetune", "predict", "probe", "export"])
+@pytest.mark.parametrize("command", ["finetune", "predict", "probe", "export", "search"])
 def test_hf_in_every_checkpoint_option_fails_in_one_line(command, tmp_path, monkeypatch, capsys):
     import huggingface_hub
 
@@ -100,7 +100,9 @@ def test_hf_in_every_checkpoint_option_fails_in_one_line(command, tmp_path, monk
     argv = {"finetune": ["finetune", "--checkpoint", ref, "--dataset", str(data), "--out", str(tmp_path / "ft")],
             "predict": ["predict", "--model", ref, "--input", str(data), "--output", str(tmp_path / "pred")],
             "probe": ["probe", "--checkpoint", ref, "--dataset", str(data), "--work", str(tmp_path / "w")],
-            "export": ["export", ref, str(tmp_path / "out"), "--format", "nnunet"]}[command]
+            "export": ["export", ref, str(tmp_path / "out"), "--format", "nnunet"],
+            "search": ["search", "--space", "xnt-nuclei-tiny", "--trials", "1", "--checkpoint", ref,
+                       "--dataset", str(data), "--out", str(tmp_path / "s")]}[command]
     assert main(argv) == 4
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err

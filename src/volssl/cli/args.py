@@ -53,3 +53,15 @@ def add_run_folder_arguments(p: argparse.ArgumentParser, folder: str, outputs: s
     again.add_argument("--overwrite", action="store_true",
                        help=f"replace the run already in {folder} ({outputs}); without it, a new run refuses to "
                             "start over an existing one")
+
+
+def check_checkpoint_argument(checkpoint: str, option: str = "--checkpoint") -> None:
+    """A local checkpoint path must exist and be readable; an ``hf://ORG/NAME[@REVISION]`` address
+    must be well formed (it is downloaded when the checkpoint is loaded)."""
+    from volssl.util.errors import check_input_path
+    from volssl.util.hub import is_hub_reference, parse_hub_reference
+
+    if is_hub_reference(checkpoint):
+        parse_hub_reference(checkpoint)
+    else:
+        check_input_path(checkpoint, option)

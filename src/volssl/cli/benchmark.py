@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from volssl.cli.launcher import add_launcher_arguments, launch_spec
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -29,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--generalisation", default="", metavar="A:B[,A:B]",
                    help="runs trained on dataset A also predict dataset B's test cases")
     p.add_argument("--unlabeled", default=None, help="unlabeled pool (default: phantoms of the datasets' domain)")
-    p.add_argument("--workers", type=int, default=2, help="fine-tuning runs in parallel (default 2)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="fine-tuning runs in parallel (default 2; with --launcher see --max-jobs)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (fine-tuning and prediction)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated phantoms and pre-training")
     p.add_argument("--pretrain-steps", type=int, default=None, help="override the scale's pre-training steps")
@@ -38,6 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-labeled", type=int, default=None,
                    help="labeled training phantoms generated per phantom task (default: the scale's)")
     p.add_argument("--list", action="store_true", help="list the methods and scales, then exit")
+    add_launcher_arguments(p, "pre-training and each fine-tuning cell")
     p.set_defaults(func=_run)
 
 
@@ -91,6 +95,7 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"--scale {args.scale!r}: not one of {', '.join(SCALES)}")
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    launcher = launch_spec(args, args.out, "volssl-benchmark", args.device)  # slurm without sbatch: refused here
     n_trains = None if args.n_train is None else _n_trains(args.n_train)
     seeds = None if args.seeds is None else _ints(args.seeds, "--seeds")
     draws = None if args.draws is None else _ints(args.draws, "--draws")
@@ -111,5 +116,6 @@ def _run(args: argparse.Namespace) -> int:
                          generalisation=_split(args.generalisation), unlabeled=args.unlabeled, seed=args.seed,
                          pretrain_steps=args.pretrain_steps, finetune_steps=args.finetune_steps,
                          n_labeled=args.n_labeled, draws=draws)
-    run_benchmark(args.out, spec, workers=args.workers, device=args.device)
+    out = os.path.abspath(args.out) if launcher is not None else args.out  # jobs may start elsewhere
+    run_benchmark(out, spec, workers=args.workers, device=args.device, launcher=launcher)
     return 0

@@ -15,7 +15,7 @@ import argparse
 import json
 import os
 
-from volssl.cli.args import add_run_folder_arguments
+from volssl.cli.args import add_run_folder_arguments, check_checkpoint_argument
 from volssl.cli.configs import add_set_argument
 from volssl.cli.run_status import exit_code
 
@@ -75,18 +75,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.set_defaults(func=_recipes)
 
 
-def _check_checkpoint_argument(checkpoint: str, option: str = "--checkpoint") -> None:
-    """A local checkpoint path must exist and be readable; an ``hf://ORG/NAME[@REVISION]`` address
-    must be well formed (it is downloaded when the checkpoint is loaded)."""
-    from volssl.util.errors import check_input_path
-    from volssl.util.hub import is_hub_reference, parse_hub_reference
-
-    if is_hub_reference(checkpoint):
-        parse_hub_reference(checkpoint)
-    else:
-        check_input_path(checkpoint, option)
-
-
 def _run(args: argparse.Namespace) -> int:
     from volssl.finetuning.finetune import finetune
     from volssl.training import distributed
@@ -96,7 +84,7 @@ def _run(args: argparse.Namespace) -> int:
     check_output_dir(args.out, "run folder")  # before any work (loading the checkpoint, preprocessing)
     scratch = str(args.checkpoint).lower() == "none"
     if not scratch:  # a missing path, a dangling link or a link loop: one line now, not a traceback later
-        _check_checkpoint_argument(args.checkpoint)
+        check_checkpoint_argument(args.checkpoint)
     check_input_path(args.dataset, "--dataset", kind="dir")
     recipe = args.recipe or ("scratch" if scratch else "s3d")
     overrides = list(args.overrides)

@@ -4,17 +4,27 @@
     volssl pretrain --data PREPROCESSED --out RUN --resume          # continue RUN (its config.json)
     volssl pretrain ... --out RUN --overwrite                       # replace the run in RUN
     torchrun --nproc_per_node 4 -m volssl pretrain ...              # data parallel (global batch split)
+    volssl pretrain ... --launcher slurm --nodes 2 --gpus-per-node 4  # the same, as one SLURM job (submitit)
 
-SIGTERM / SIGUSR1 save ``RUN/checkpoints/latest.pt`` and exit 0; rerun with ``--resume``.
+SIGTERM / SIGUSR1 save ``RUN/checkpoints/latest.pt`` and exit 0; rerun with ``--resume``. With
+``--launcher slurm`` the job is submitted and the command returns (a job that reaches its time limit or is
+preempted saves ``latest.pt`` and is requeued, resuming by itself); ``--launcher local`` runs the job on
+this machine through submitit and waits for it (see :mod:`volssl.launch`).
 """
 from __future__ import annotations
 
 import argparse
 import os
+from typing import TYPE_CHECKING
 
 from volssl.cli.args import add_run_folder_arguments
 from volssl.cli.configs import add_set_argument
+from volssl.cli.launcher import add_launcher_arguments, launch_spec
 from volssl.cli.run_status import exit_code
+
+if TYPE_CHECKING:
+    from volssl.config import RunConfig
+    from volssl.launch import LaunchSpec
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,7 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "RUN/checkpoints/{latest,best,final}.pt, RUN/scalars.csv, RUN/tb/ and RUN/previews/.",
         epilog="Data parallel on G GPUs (N nodes): torchrun --nproc_per_node G [--nnodes N --rdzv-endpoint "
                "HOST:PORT] -m volssl pretrain ... (data.batch_size is the global batch). SIGTERM / SIGUSR1 "
-               "save RUN/checkpoints/latest.pt and exit 0; rerun the same command with --resume.",
+               "save RUN/checkpoints/latest.pt and exit 0; rerun the same command with --resume. On SLURM: "
+               "--launcher slurm --nodes N --gpus-per-node G submits the same run as one job (requeued and "
+               "resumed after a timeout or preemption).",
     )
     p.add_argument("--method", help="the method (must match the preset's method, e.g. s3d)")
     p.add_argument("--preset", help="a preset name (see `volssl presets`); optional with --resume")
@@ -33,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_run_folder_arguments(p, "RUN", "its checkpoints, scalars.csv, tb/, previews/")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_set_argument(p)
+    add_launcher_arguments(p, "pre-training", per_job=False)
     p.set_defaults(func=_run)
 
 
@@ -64,9 +77,12 @@ def _run(args: argparse.Namespace) -> int:
     from volssl.util.errors import check_input_path
     from volssl.util.paths import check_output_dir
 
+    launcher = launch_spec(args, args.out, "volssl-pretrain")  # slurm without sbatch: refused here
     check_output_dir(args.out, "run folder")  # before any work
     check_input_path(args.data, "--data", kind="dir")  # a missing folder or a link loop: one line
     cfg = resolve_run_config(args)
+    if launcher is not None:
+        return _launch(args, cfg, launcher)
     try:
         summary = pretrain(cfg, args.data, args.out, resume=args.resume, progress=not args.no_progress,
                            overwrite=args.overwrite)
@@ -74,6 +90,39 @@ def _run(args: argparse.Namespace) -> int:
         distributed.cleanup()
     if int(os.environ.get("RANK", "0") or 0) == 0:  # torchrun: rank 0 reports
         _report(summary)
+    return exit_code(summary, "pretrain")
+
+
+def _launch(args: argparse.Namespace, cfg: RunConfig, launcher: LaunchSpec) -> int:
+    """Submit the run as one job (:class:`volssl.launch.PretrainJob`); wait for it with ``--launcher local``.
+
+    The run folder is checked (or, with --overwrite, cleared) here, before anything is queued; the job itself
+    always resumes, so a requeued job continues where it stopped."""
+    from pathlib import Path
+
+    from volssl.config import config_to_dict
+    from volssl.launch import PretrainJob, log_paths, submit, wait
+    from volssl.training.distributed import DistInfo
+    from volssl.training.trainer import check_train_config, open_run
+
+    world = launcher.nodes * launcher.tasks_per_node
+    if cfg.data.batch_size % world:
+        raise ValueError(f"data.batch_size={cfg.data.batch_size} is not divisible by the {world} data-parallel ranks "
+                         f"(--nodes {launcher.nodes} x {launcher.tasks_per_node} tasks per node); choose a multiple")
+    check_train_config(cfg.train)
+    if not args.resume:  # a run already there: refused unless --overwrite, which removes it now
+        open_run(args.out, config_to_dict(cfg), False, DistInfo(), overwrite=args.overwrite, state_key="method_state")
+    job = submit(launcher, PretrainJob(cfg, Path(args.data).resolve(), Path(args.out).resolve(),
+                                       progress=False))
+    print(f"[volssl pretrain] submitted {launcher.kind} job {job.job_id}: {launcher.nodes} node(s) x "
+          f"{launcher.tasks_per_node} rank(s), {launcher.gpus_per_node} GPU(s) per node; run {args.out}; "
+          f"logs {log_paths(job)}", flush=True)
+    if launcher.kind == "slurm":
+        print(f"[volssl pretrain] follow it with `squeue -j {job.job_id}`; after a timeout or preemption it is "
+              "requeued and resumes from RUN/checkpoints/latest.pt", flush=True)
+        return 0
+    summary = wait(job, launcher)
+    _report(summary)
     return exit_code(summary, "pretrain")
 
 

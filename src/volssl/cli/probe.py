@@ -46,10 +46,10 @@ def _run(args: argparse.Namespace) -> int:
     for option in ("n_train", "n_eval", "patches_per_case", "steps"):
         if getattr(args, option) < 1:
             raise ValueError(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
-    from volssl.cli.finetune import _check_checkpoint_argument
+    from volssl.cli.args import check_checkpoint_argument
     from volssl.util.hub import is_hub_reference
 
-    _check_checkpoint_argument(args.checkpoint)
+    check_checkpoint_argument(args.checkpoint)
     dataset = check_input_path(args.dataset, "--dataset", kind="dir")
     raw = not (dataset / "plan.json").is_file()  # a raw dataset is preprocessed into --work
     if raw and args.work:

@@ -3,6 +3,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+
+from typing import TYPE_CHECKING
+
+from volssl.cli.launcher import add_launcher_arguments, launch_spec
+
+if TYPE_CHECKING:
+    from volssl.search import TrialSetup
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,11 +36,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--list", action="store_true", help="list the search spaces and exit")
     p.add_argument("--json", action="store_true", help="print best.json")
+    add_launcher_arguments(p, "trial")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     from volssl.search import TrialSetup, describe_spaces, run_search
+    from volssl.util.hub import is_hub_reference
 
     if args.list:
         for s in describe_spaces():
@@ -41,10 +51,19 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if not args.space or not args.dataset:
         raise ValueError("give --space NAME and --dataset DIR (see volssl search --list)")
+    launcher = launch_spec(args, args.out, "volssl-search", args.device)  # slurm without sbatch: refused here
     _check(args)
-    setup = TrialSetup(args.checkpoint, args.dataset, steps_per_hour=args.steps_per_hour, seed=args.seed,
+    checkpoint = args.checkpoint
+    if checkpoint is not None and is_hub_reference(str(checkpoint)):  # downloaded once here, not in every trial
+        from volssl.training.exported import locate_exported
+
+        checkpoint = str(locate_exported(checkpoint))
+    setup = TrialSetup(checkpoint, args.dataset, steps_per_hour=args.steps_per_hour, seed=args.seed,
                        n_train=args.n_train, overrides=args.overrides, device=args.device)
-    best = run_search(args.space, args.trials, setup, args.out, storage=args.storage, study_name=args.study_name)
+    if launcher is not None:  # jobs may start in another folder: absolute paths
+        setup = _absolute(setup)
+    best = run_search(args.space, args.trials, setup, args.out if launcher is None else os.path.abspath(args.out),
+                      storage=args.storage, study_name=args.study_name, progress=launcher is None, launcher=launcher)
     if args.json:
         print(json.dumps(best))
     else:
@@ -53,8 +72,19 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _absolute(setup: TrialSetup) -> TrialSetup:
+    """``setup`` with its dataset and checkpoint paths made absolute (a launcher job may start elsewhere)."""
+    import dataclasses
+
+    ckpt = setup.checkpoint
+    if ckpt is not None and str(ckpt).lower() != "none":
+        ckpt = os.path.abspath(ckpt)
+    return dataclasses.replace(setup, dataset=os.path.abspath(setup.dataset), checkpoint=ckpt)
+
+
 def _check(args: argparse.Namespace) -> None:
     """Everything that can be checked before the study starts (and minutes of fine-tuning are spent)."""
+    from volssl.cli.args import check_checkpoint_argument
     from volssl.finetuning.recipes import resolve_recipe
     from volssl.search import SPACES
     from volssl.util.errors import check_input_path
@@ -77,5 +107,5 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--set: {e.args[0] if e.args else e}") from None
     check_input_path(args.dataset, "--dataset")
     if args.checkpoint is not None and str(args.checkpoint).lower() != "none":
-        check_input_path(args.checkpoint, "--checkpoint")
+        check_checkpoint_argument(args.checkpoint)  # a local path, or a well-formed hf://ORG/NAME[@REVISION]
     check_output_dir(args.out, "--out folder")
