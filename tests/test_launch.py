@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "training"))  # the trainer stand-ins, as tests/methods do
+from training_standins import fake_slurm  # noqa: E402
 
 from volssl.cli import build_parser, main
 from volssl.launch import (LaunchSpec, LauncherUnavailable, check_launcher, executor_parameters, map_jobs,
@@ -15,17 +19,6 @@ from volssl.launch import (LaunchSpec, LauncherUnavailable, check_launcher, exec
 
 def _local(folder: Path, **kw) -> LaunchSpec:
     return LaunchSpec("local", str(folder), poll_s=0.2, **kw)
-
-
-def _fake_slurm(folder: Path) -> Path:
-    """A bin folder with a stand-in ``sbatch`` (keeps the submitted script, answers job 4242) and ``srun``."""
-    bin_dir = folder / "bin"
-    bin_dir.mkdir(parents=True)
-    (bin_dir / "sbatch").write_text('#!/bin/sh\ncp "$1" "$(dirname "$0")/submitted.sh"\necho "Submitted batch job 4242"\n')
-    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
-    for tool in ("sbatch", "srun"):
-        (bin_dir / tool).chmod(0o755)
-    return bin_dir
 
 
 # ---------------------------------------------------------------------------------------------- the interface
@@ -65,7 +58,7 @@ def test_slurm_parameters_of_a_benchmark_and_its_sbatch_script(tmp_path, monkeyp
     from volssl.cli.launcher import launch_spec
     from volssl.launch import submit
 
-    monkeypatch.setenv("PATH", f"{_fake_slurm(tmp_path)}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("PATH", f"{fake_slurm(tmp_path)}{os.pathsep}{os.environ['PATH']}")
     args = build_parser("benchmark").parse_args(
         ["benchmark", "--out", str(tmp_path / "b"), "--device", "cuda", "--launcher", "slurm", "--partition", "gpu",
          "--cpus-per-job", "6", "--mem-gb", "32", "--time-min", "180", "--slurm-param", "account=abc",

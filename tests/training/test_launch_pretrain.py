@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from training_standins import write_tiny_dataset
+from training_standins import fake_slurm, write_tiny_dataset
 from volssl.cli import main
 from volssl.launch import PretrainJob, graceful_requeue, master_port, torch_environment
 from volssl.training.checkpoint import load_checkpoint
@@ -24,17 +24,6 @@ TORCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_AD
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     return write_tiny_dataset(tmp_path_factory.mktemp("data"), n_cases=2, shape=(40, 40, 40))
-
-
-def fake_slurm(folder: Path) -> Path:
-    """A bin folder with a stand-in ``sbatch`` (keeps the submitted script, answers job 4242) and ``srun``."""
-    bin_dir = folder / "bin"
-    bin_dir.mkdir(parents=True)
-    (bin_dir / "sbatch").write_text('#!/bin/sh\ncp "$1" "$(dirname "$0")/submitted.sh"\necho "Submitted batch job 4242"\n')
-    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
-    for tool in ("sbatch", "srun"):
-        (bin_dir / tool).chmod(0o755)
-    return bin_dir
 
 
 def test_torch_variables_come_from_the_job_environment(monkeypatch):

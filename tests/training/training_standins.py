@@ -142,5 +142,16 @@ def main(argv=None) -> int:
     return 0
 
 
+
+def fake_slurm(folder: Path) -> Path:
+    """A bin folder with a stand-in ``sbatch`` (keeps the submitted script, answers job 4242) and ``srun``."""
+    bin_dir = folder / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "sbatch").write_text('#!/bin/sh\ncp "$1" "$(dirname "$0")/submitted.sh"\necho "Submitted batch job 4242"\n')
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    for tool in ("sbatch", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    return bin_dir
+
 if __name__ == "__main__":
     sys.exit(main())

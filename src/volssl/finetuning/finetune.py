@@ -47,7 +47,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from volssl.config import ModelConfig, config_from_dict, config_to_dict
+from volssl.config import ModelConfig, config_to_dict
 from volssl.data.labelled import check_plan, dataset_meta, labelled_root, locked, preprocess_labelled  # noqa: F401
 from volssl.finetuning.losses import LabelMap
 from volssl.finetuning.recipes import lr_at_step, resolve_recipe, stage_at
@@ -56,7 +56,7 @@ from volssl.finetuning.tasks import get_task
 from volssl.finetuning.transfer import TransferReport, set_trainable, trainable_names, transfer_weights
 from volssl.training import distributed as D
 from volssl.training.augment import intensity_augment, spatial_augment
-from volssl.training.checkpoint import load_checkpoint
+from volssl.training.checkpoint import checkpoint_model, load_checkpoint
 from volssl.training.exported import locate_exported
 from volssl.training.optim import StepSchedule, build_optimizer
 from volssl.training.trainer import (
@@ -127,12 +127,7 @@ def load_source(checkpoint: str | os.PathLike | None) -> Source | None:
     if kind not in SOURCE_KINDS:
         raise ValueError(f"{file}: a {kind!r} checkpoint; fine-tuning starts from a pre-training ('pretrain') or "
                          "imported ('import') checkpoint")
-    if not isinstance(data.get("network"), dict) or not isinstance(data.get("model"), dict):
-        raise ValueError(f"{file}: checkpoint lacks the 'network' state dict or the 'model' configuration")
-    try:
-        model = config_from_dict({"model": data["model"]}).model
-    except ValueError as e:
-        raise ValueError(f"{file}: bad 'model' configuration: {e}") from None
+    model = checkpoint_model(data, file)
     config = data.get("config") or {}
     patch = (config.get("data") or {}).get("patch_size")
     method = (config.get("method") or {}).get("name") or "none"

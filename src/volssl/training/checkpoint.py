@@ -113,6 +113,19 @@ def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> dict[str, A
     return data
 
 
+def checkpoint_model(data: dict[str, Any], where: str | os.PathLike) -> Any:
+    """The :class:`~volssl.config.ModelConfig` of a loaded checkpoint ``data``; ValueError naming ``where``
+    if it lacks the ``network`` state dict or a valid ``model`` configuration."""
+    from volssl.config import config_from_dict
+
+    if not isinstance(data.get("network"), dict) or not isinstance(data.get("model"), dict):
+        raise ValueError(f"{where}: the checkpoint lacks the 'network' state dict or the 'model' configuration")
+    try:
+        return config_from_dict({"model": data["model"]}).model
+    except ValueError as e:
+        raise ValueError(f"{where}: bad 'model' configuration: {e}") from None
+
+
 def verify_checksum(data: dict[str, Any], path: str | os.PathLike = "checkpoint") -> None:
     """ValueError naming ``path`` unless ``data[CHECKSUM_KEY]`` matches the rest of ``data``."""
     stored = data.get(CHECKSUM_KEY)

@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
-from volssl.config import ModelConfig, config_from_dict
-from volssl.training.checkpoint import load_checkpoint
+from volssl.config import ModelConfig
+from volssl.training.checkpoint import checkpoint_model, load_checkpoint
 from volssl.training.exported import (
     CARD_FILE, CONFIG_FILE, EXPORT_FORMAT, EXPORT_VERSION, FINETUNE_FIELDS, WEIGHTS_FILE, locate_exported,
     read_exported, read_export_config, write_exported,
@@ -109,12 +109,7 @@ def read_run(run: str | os.PathLike) -> RunInfo:
     else:
         where = run_checkpoint(run)
         data = load_checkpoint(where)
-    if not isinstance(data.get("network"), dict) or not isinstance(data.get("model"), dict):
-        raise ValueError(f"{where}: the checkpoint lacks the 'network' state dict or the 'model' configuration")
-    try:
-        model = config_from_dict({"model": data["model"]}).model
-    except ValueError as e:
-        raise ValueError(f"{where}: bad 'model' configuration: {e}") from None
+    model = checkpoint_model(data, where)
     kind = str(data.get("kind"))
     config = data.get("config") or {}
     source = data.get("source") or {}
