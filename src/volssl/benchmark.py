@@ -326,6 +326,12 @@ def run_benchmark(out: str | Path, spec: BenchmarkSpec, workers: int = 2, device
 PRETRAIN_ERRORS = (RuntimeError, ValueError, KeyError, FileNotFoundError)
 
 
+def _pretrain_failure(why: BaseException | str) -> str:
+    """How a failed pre-training is recorded: ``pre-training failed: <error>``."""
+    return f"pre-training failed: {type(why).__name__}: {why}" if isinstance(why, BaseException) \
+        else f"pre-training failed: {why}"
+
+
 def _probe_dataset(spec: BenchmarkSpec, data: dict[str, dict[str, Any]], domain: str) -> str | None:
     """The first dataset of ``domain`` whose task has a representation probe (None: none)."""
     return next((str(data[d]["raw"]) for d in spec.datasets if data[d]["domain"] == domain
@@ -346,7 +352,7 @@ def _pretrain_arms(arms: list[Arm], spec: BenchmarkSpec, data: dict[str, dict[st
                 checkpoints[(arm.name, domain)] = (None if arm.preset is None else
                                                    _pretrain(arm, domain, out, sc, spec.seed, spec.unlabeled, probe))
             except PRETRAIN_ERRORS as e:  # the other arms go on
-                broken[(arm.name, domain)] = f"pre-training failed: {type(e).__name__}: {e}"
+                broken[(arm.name, domain)] = _pretrain_failure(e)
                 _say(f"  {arm.name}@{domain}: {broken[(arm.name, domain)]} (rerun to retry)")
     return checkpoints, broken
 
@@ -370,19 +376,18 @@ def _pretrain_arms_launched(arms: list[Arm], spec: BenchmarkSpec, data: dict[str
             try:
                 _prepare_pool(arm, domain, out, sc, spec.seed, spec.unlabeled)
             except PRETRAIN_ERRORS as e:
-                broken[(arm.name, domain)] = f"pre-training failed: {type(e).__name__}: {e}"
+                broken[(arm.name, domain)] = _pretrain_failure(e)
                 continue
             jobs.append({"arm": arm, "domain": domain, "out": str(out), "scale": sc, "seed": spec.seed,
                          "unlabeled": spec.unlabeled, "probe": _probe_dataset(spec, data, domain),
                          "threads": launcher.cpus_per_task})
     if jobs:
         _say(f"{len(jobs)} pre-training(s) as {_as_jobs(launcher)}")
-    results = map_jobs(pretrain_arm, jobs, launcher, on_failure=lambda job, why: {"error": why})
+    results = map_jobs(pretrain_arm, jobs, launcher, on_failure=lambda job, why: {"error": _pretrain_failure(why)})
     for job, r in zip(jobs, results):
         key = (job["arm"].name, job["domain"])
         if "error" in r:
-            broken[key] = r["error"] if r["error"].startswith("pre-training failed") else \
-                f"pre-training failed: {r['error']}"
+            broken[key] = r["error"]
         else:
             checkpoints[key] = r["checkpoint"]
     for (arm_name, domain), why in broken.items():
@@ -401,7 +406,7 @@ def pretrain_arm(job: dict[str, Any]) -> dict[str, Any]:
         return {"checkpoint": _pretrain(job["arm"], job["domain"], Path(job["out"]), job["scale"], job["seed"],
                                         job["unlabeled"], job["probe"], prepared=True)}
     except PRETRAIN_ERRORS as e:
-        return {"error": f"pre-training failed: {type(e).__name__}: {e}"}
+        return {"error": _pretrain_failure(e)}
 
 
 def _as_jobs(launcher: LaunchSpec) -> str:

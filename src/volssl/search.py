@@ -227,7 +227,7 @@ def run_search(space: str | SearchSpace, trials: int, setup: TrialSetup, out: st
                 if t.state == optuna.trial.TrialState.COMPLETE}
 
     def objective(trial: optuna.Trial) -> float:
-        params = {k: trial.suggest_categorical(k, list(v)) for k, v in sp.params.items()}
+        params = _draw(trial, sp)
         if trial_key(params) in completed_keys():  # drawn again: no new information, draw anew
             raise optuna.TrialPruned("these parameters were already evaluated")
         try:
@@ -235,10 +235,7 @@ def run_search(space: str | SearchSpace, trials: int, setup: TrialSetup, out: st
         except Exception as e:
             trial.set_user_attr("error", f"{type(e).__name__}: {e}")
             raise
-        trial.set_user_attr("run", result["run"])
-        trial.set_user_attr("threshold", result["threshold"])
-        value = result["value"]
-        return value if math.isfinite(value) else float("nan")
+        return _record(trial, result)
 
     def n_complete() -> int:
         return sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
@@ -253,9 +250,7 @@ def run_search(space: str | SearchSpace, trials: int, setup: TrialSetup, out: st
         if len(completed_keys()) >= n_space:
             print(f"volssl search: all {n_space} parameter sets of {sp.name!r} are evaluated", file=sys.stderr)
             break
-        # a fresh random stream per trial: a resumed or parallel process continues instead of repeating
-        # the draws of the first trials (reproducible for a given seed and study history)
-        study.sampler = optuna.samplers.RandomSampler(seed=setup.seed * 1_000_003 + len(study.trials))
+        _reseed(study, setup.seed)
         study.optimize(objective, n_trials=1, catch=(RuntimeError, ValueError, FloatingPointError))
         last = study.get_trials(deepcopy=False)[-1]
         failures = failures + 1 if last.state == optuna.trial.TrialState.FAIL else 0
@@ -266,6 +261,27 @@ def run_search(space: str | SearchSpace, trials: int, setup: TrialSetup, out: st
         bar.refresh()
     bar.close()
     return write_results(study, sp, out, setup.steps_per_hour)
+
+
+def _reseed(study: Any, seed: int) -> None:
+    """A fresh random stream per trial: a resumed or parallel process continues instead of repeating the
+    draws of the first trials (reproducible for a given seed and study history)."""
+    import optuna
+
+    study.sampler = optuna.samplers.RandomSampler(seed=seed * 1_000_003 + len(study.trials))
+
+
+def _draw(trial: Any, sp: SearchSpace) -> dict[str, float]:
+    """One value per hyper-parameter of ``sp``, drawn by ``trial``'s sampler."""
+    return {name: trial.suggest_categorical(name, list(values)) for name, values in sp.params.items()}
+
+
+def _record(trial: Any, result: dict[str, Any]) -> float:
+    """Keep a finished trial's run folder and threshold on ``trial``; its value (NaN when not finite)."""
+    trial.set_user_attr("run", result["run"])
+    trial.set_user_attr("threshold", result["threshold"])
+    value = result["value"]
+    return value if math.isfinite(value) else float("nan")
 
 
 def _open_study(sp: SearchSpace, out: Path, storage: str | None, study_name: str | None, seed: int
@@ -340,11 +356,11 @@ def _ask_trials(study: Any, sp: SearchSpace, seed: int, k: int, taken: set[str],
     for _ in range(20 * k + 20):
         if len(batch) >= k or len(taken) >= n_space:
             break
-        study.sampler = optuna.samplers.RandomSampler(seed=seed * 1_000_003 + len(study.trials))
+        _reseed(study, seed)
         with warnings.catch_warnings():  # "heartbeat ... with Study.optimize": _heartbeat keeps it here
             warnings.filterwarnings("ignore", message="Heartbeat of storage", category=UserWarning)
             trial = study.ask()
-        params = {name: trial.suggest_categorical(name, list(values)) for name, values in sp.params.items()}
+        params = _draw(trial, sp)
         if trial_key(params) in taken:  # drawn again: no new information, draw anew
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             continue
@@ -378,10 +394,8 @@ def _tell(study: Any, trial: Any, params: dict[str, float], result: dict[str, An
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
         _say(f"  trial {trial.number} ({shown}) FAILED: {result['error']} (rerun to retry)")
         return True
-    trial.set_user_attr("run", result["run"])
-    trial.set_user_attr("threshold", result["threshold"])
+    study.tell(trial, _record(trial, result))
     value = result["value"]
-    study.tell(trial, value if math.isfinite(value) else float("nan"))
     _say(f"  trial {trial.number} ({shown}): {value:.4f}" + (f" at threshold {result['threshold']}"
                                                              if result.get("threshold") is not None else ""))
     return not math.isfinite(value)

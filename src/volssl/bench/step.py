@@ -198,14 +198,13 @@ def flops_model(arch: str, patch: int, ratio: float, block_stages: int | None = 
     from volssl.methods.s3d import S3D, S3DConfig
     from volssl.models.registry import build_model
 
+    cfg = S3DConfig(mask_ratio_range=None, mask_ratio=ratio, block_sparse="off", block_stages=block_stages)
     with torch.device("meta"):
         net = build_model(ModelConfig(arch=arch, in_channels=1, out_channels=1))
-        s3d = S3D(copy.deepcopy(net), S3DConfig(mask_ratio_range=None, mask_ratio=ratio, block_sparse="off",
-                                                block_stages=block_stages))
+        s3d = S3D(copy.deepcopy(net), cfg)  # counted on its masked-dense path (nonzero() has no meta kernel)
         x = torch.zeros(1, 1, patch, patch, patch)
+        n_stages = S3D(copy.deepcopy(net), dataclasses.replace(cfg, block_sparse="on")).block_stages(x.shape[2:])
     s3d.check_patch(x.shape[2:])
-    n_stages = S3D(copy.deepcopy(net).to_empty(device="cpu"), dataclasses.replace(s3d.cfg, block_sparse="on")) \
-        .block_stages(x.shape[2:])
     enc = s3d.network.encoder
 
     def encoder_part() -> None:

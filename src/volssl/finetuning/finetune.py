@@ -56,7 +56,7 @@ from volssl.finetuning.tasks import get_task
 from volssl.finetuning.transfer import TransferReport, set_trainable, trainable_names, transfer_weights
 from volssl.training import distributed as D
 from volssl.training.augment import intensity_augment, spatial_augment
-from volssl.training.checkpoint import checkpoint_model, load_checkpoint
+from volssl.training.checkpoint import checkpoint_model, find_run_checkpoint, load_checkpoint
 from volssl.training.exported import locate_exported
 from volssl.training.optim import StepSchedule, build_optimizer
 from volssl.training.trainer import (
@@ -107,10 +107,9 @@ def resolve_source(path: str | os.PathLike) -> Path:
     if path.is_file():
         return path.resolve()
     if path.is_dir():
-        for folder in (path / "checkpoints", path):
-            for name in PRETRAIN_CHECKPOINTS:
-                if (folder / name).is_file():
-                    return (folder / name).resolve()
+        found = find_run_checkpoint(path, PRETRAIN_CHECKPOINTS)
+        if found is not None:
+            return found.resolve()
         raise FileNotFoundError(f"{path}: no pre-training checkpoint (looked for checkpoints/final.pt, latest.pt)")
     raise FileNotFoundError(f"checkpoint not found: {path}")
 

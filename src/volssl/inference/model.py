@@ -140,6 +140,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """The checkpoint file of ``path``: the file itself, or a run directory's
     ``checkpoints/final.pt`` (else ``best.pt``, else ``latest.pt``); or an exported safetensors folder
     (``hf://ORG/NAME[@REVISION]`` is downloaded to one first; :mod:`volssl.training.exported`)."""
+    from volssl.training.checkpoint import find_run_checkpoint
     from volssl.training.exported import locate_exported
 
     exported = locate_exported(path)
@@ -149,10 +150,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if path.is_file():
         return path
     if path.is_dir():
-        for folder in (path / "checkpoints", path):
-            for name in CHECKPOINT_NAMES:
-                if (folder / name).is_file():
-                    return folder / name
+        found = find_run_checkpoint(path, CHECKPOINT_NAMES)
+        if found is not None:
+            return found
         names = ", ".join(CHECKPOINT_NAMES)
         raise FileNotFoundError(f"{path}: no checkpoint found (looked for {names} in {path}/checkpoints and {path})")
     raise FileNotFoundError(f"model not found: {path}")

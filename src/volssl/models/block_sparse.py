@@ -280,28 +280,26 @@ def encode_block_sparse(encoder: "ResidualEncoder", x: Tensor, mask: Tensor, n_b
     if not 0 <= n_block_stages <= len(encoder.stages):
         raise ValueError(f"block-sparse encoder: n_block_stages must be in [0, {len(encoder.stages)}], "
                          f"got {n_block_stages}")
+    if n_block_stages == 0:
+        return encoder(x, mask, mask_input=mask_input)
     mask = mask.to(x.dtype)
     if mask_input:
         x = x * mask
-    levels = encoder.mask_levels(mask)
-    if n_block_stages == 0:
-        h = encoder.stem(x, levels[0])
-        start = 0
-        skips: list[Tensor] = []
-    else:
-        grid = BlockGrid(mask, unit)
-        stem = encoder.stem.convs
-        pad = stem[0].conv.padding[0]
-        blocks = conv_norm_act_blocks(stem[0], dense_to_blocks(x, grid, pad, pad), grid, haloed=True)
-        for conv in stem[1:]:
-            blocks = conv_norm_act_blocks(conv, blocks, grid)
-        skips = []
-        for stage in encoder.stages[:n_block_stages]:
-            for block in stage.blocks:
-                blocks = basic_block_blocks(block, blocks, grid)
-            skips.append(BlocksToDense.apply(blocks, grid))
-        h, start = skips[-1], n_block_stages
-    for stage, level in zip(encoder.stages[start:], levels[start + 1:]):
-        h = stage(h, level)
-        skips.append(h)
+    grid = BlockGrid(mask, unit)
+    stem = encoder.stem.convs
+    pad = stem[0].conv.padding[0]
+    blocks = conv_norm_act_blocks(stem[0], dense_to_blocks(x, grid, pad, pad), grid, haloed=True)
+    for conv in stem[1:]:
+        blocks = conv_norm_act_blocks(conv, blocks, grid)
+    skips: list[Tensor] = []
+    for stage in encoder.stages[:n_block_stages]:
+        for block in stage.blocks:
+            blocks = basic_block_blocks(block, blocks, grid)
+        skips.append(BlocksToDense.apply(blocks, grid))
+    dense_stages = encoder.stages[n_block_stages:]
+    if len(dense_stages):  # the masked-dense path continues from the last block-sparse stage's output
+        h = skips[-1]
+        for stage, level in zip(dense_stages, encoder.mask_levels(mask)[n_block_stages + 1:]):
+            h = stage(h, level)
+            skips.append(h)
     return skips

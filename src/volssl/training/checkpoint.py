@@ -32,7 +32,7 @@ import random
 import stat
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -111,6 +111,16 @@ def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> dict[str, A
     if verify and data.get(CHECKSUM_KEY) is not None:
         verify_checksum(data, path)
     return data
+
+
+def find_run_checkpoint(folder: Path, names: Sequence[str]) -> Path | None:
+    """A run folder's checkpoint: the first of ``names`` in ``folder/checkpoints``, else in ``folder``
+    itself; None when there is none."""
+    for where in (folder / "checkpoints", folder):
+        for name in names:
+            if (where / name).is_file():
+                return where / name
+    return None
 
 
 def checkpoint_model(data: dict[str, Any], where: str | os.PathLike) -> Any:

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from volssl.config import ModelConfig
-from volssl.training.checkpoint import checkpoint_model, load_checkpoint
+from volssl.training.checkpoint import checkpoint_model, find_run_checkpoint, load_checkpoint
 from volssl.training.exported import (
     CARD_FILE, CONFIG_FILE, EXPORT_FORMAT, EXPORT_VERSION, FINETUNE_FIELDS, WEIGHTS_FILE, locate_exported,
     read_exported, read_export_config, write_exported,
@@ -92,10 +92,9 @@ def run_checkpoint(run: str | os.PathLike) -> str | Path:
     if path.is_file():
         return path
     order = _FINETUNE_ORDER if (path / "run.json").is_file() else _PRETRAIN_ORDER
-    for folder in (path / "checkpoints", path):
-        for name in order:
-            if (folder / name).is_file():
-                return folder / name
+    found = find_run_checkpoint(path, order)
+    if found is not None:
+        return found
     raise FileNotFoundError(f"{path}: no checkpoint found (looked for {', '.join(order)} in {path}/checkpoints and "
                             f"{path}); RUN is a run folder, a checkpoint .pt file or an exported folder")
 
