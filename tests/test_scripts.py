@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -50,3 +51,25 @@ def test_the_structures_keep_the_random_state(oracle):
     assert np.corrcoef(structures.ravel(), clean.ravel())[0, 1] > 0.5
     # a texture-free volume of the same seed drawn twice is identical
     np.testing.assert_array_equal(structures, oracle.structures_only(1, shape=(32, 32, 32), kind="axons"))
+
+
+def test_demo_draws_summarises_gain_floors_and_intervals(tmp_path, capsys):
+    """Two synthetic demo folders: the per-draw gains, their mean, the floor counts per seed and the
+    both-learned mean come out as computed by hand."""
+    demo_draws = _load("demo_draws")
+    runs = {3: [(50.0, 40.0), (30.0, 0.0), (60.0, 58.0)], 4: [(40.0, 44.0), (0.0, 0.0), (52.0, 50.0)]}
+    for draw, pairs in runs.items():
+        folder = tmp_path / f"d{draw}"
+        folder.mkdir()
+        rows = [{"init": init, "seed": s, "dice": d / 100, "nsd": 0.0}
+                for s, (a, b) in enumerate(pairs) for init, d in (("s3d", a), ("scratch", b))]
+        (folder / "results.json").write_text(json.dumps({"seed": draw, "runs": rows}))
+    demo_draws.main([str(tmp_path / "d4"), str(tmp_path / "d3")])
+    out = capsys.readouterr().out
+    assert out.index("draw 3:") < out.index("draw 4:")
+    assert "gain +14.0" in out and "gain -0.7" in out  # (10 + 30 + 2) / 3 and (-4 + 0 + 2) / 3
+    assert "2 draws: mean gain +6.7" in out
+    assert "seed 1: at the floor S3D 1/2, scratch 2/2" in out
+    assert "both arms learned: 4 pairs, mean difference +2.5" in out  # 10, 2, -4, 2
+    with pytest.raises(SystemExit, match="results.json not found"):
+        demo_draws.main([str(tmp_path / "missing")])
