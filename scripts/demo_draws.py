@@ -4,8 +4,9 @@ Run the demo once per draw (``volssl demo --seed S --out DIR_S``), then::
 
     python scripts/demo_draws.py DIR_0 DIR_1 ...
 
-Prints each draw's per-seed Dice, the mean gain over draws with a percentile bootstrap CI over draws
-(10,000 resamples, seed 0), the same over all pairs, the runs at the floor (Dice < 5) per seed, and the
+Prints each draw's per-seed Dice, the mean gain over draws with the benchmark report's percentile bootstrap
+CI (:func:`volssl.reports.paired.bootstrap_ci`, 10,000 resamples, seed 0) over draws, the same over all
+pairs, the runs at the floor (the report's :data:`~volssl.reports.paired.FLOOR_DICE`) per seed, and the
 mean difference over the pairs in which both arms learned. docs/evidence.md ("Demo") has the numbers.
 """
 from __future__ import annotations
@@ -16,7 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-FLOOR = 5.0  # Dice x100 below which a run counts as never having left the floor (as in reports/paired.py)
+from volssl.reports.paired import FLOOR_DICE, bootstrap_ci
+
+FLOOR = 100 * FLOOR_DICE  # Dice x100 below which a run never left the floor
+N_BOOT = 10_000
 
 
 def load_draw(folder: Path) -> tuple[int, dict[int, tuple[float, float]]]:
@@ -28,12 +32,6 @@ def load_draw(folder: Path) -> tuple[int, dict[int, tuple[float, float]]]:
     dice = {(r["init"], int(r["seed"])): 100.0 * float(r["dice"]) for r in res["runs"]}
     seeds = sorted({s for _, s in dice})
     return int(res.get("seed", -1)), {s: (dice[("s3d", s)], dice[("scratch", s)]) for s in seeds}
-
-
-def bootstrap_ci(values: np.ndarray, n: int = 10_000, seed: int = 0) -> tuple[float, float]:
-    rng = np.random.default_rng(seed)
-    means = [rng.choice(values, len(values)).mean() for _ in range(n)]
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,11 +46,11 @@ def main(argv: list[str] | None = None) -> None:
               f"{', '.join(f'{v:.1f}' for v in scratch)} ({np.mean(scratch):.1f}) | "
               f"gain {np.mean(s3d) - np.mean(scratch):+.1f}")
     gains = np.array([np.mean([x - y for x, y in pairs.values()]) for _, pairs in draws])
-    lo, hi = bootstrap_ci(gains)
+    lo, hi = bootstrap_ci(gains, n_boot=N_BOOT)
     print(f"{len(gains)} draws: mean gain {gains.mean():+.1f}, 95% CI over draws [{lo:+.1f}, {hi:+.1f}]; "
           f"negative draws: {int((gains < 0).sum())}")
     diffs = np.array([x - y for _, pairs in draws for x, y in pairs.values()])
-    lo, hi = bootstrap_ci(diffs)
+    lo, hi = bootstrap_ci(diffs, n_boot=N_BOOT)
     print(f"{len(diffs)} pairs: mean {diffs.mean():+.1f}, 95% CI over pairs [{lo:+.1f}, {hi:+.1f}]")
     for seed in sorted({s for _, pairs in draws for s in pairs}):
         runs = [pairs[seed] for _, pairs in draws if seed in pairs]

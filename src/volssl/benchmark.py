@@ -40,7 +40,7 @@ from volssl.experiment import AGGLOMERATION_THRESHOLDS, DEFAULT_TASK, FitSpec, f
     task_of_dataset
 from volssl.presets.arms import Arm, get_arms  # the arms are registered by the preset modules, next to their presets
 from volssl.util.atomic import write_json_atomic
-from volssl.util.workers import watched_pool
+from volssl.util.workers import use_job_threads, watched_pool
 
 if TYPE_CHECKING:  # volssl.launch (submitit) is imported only when a launcher is given
     from volssl.launch import LaunchSpec
@@ -116,10 +116,7 @@ def run_cell(job: dict[str, Any]) -> dict[str, Any]:
     (:mod:`volssl.experiment`): instance cells keep theirs in ``run/instances`` and report the first
     agglomeration threshold in metrics.json, every one in threshold_sweep.json.
     """
-    if job.get("threads"):
-        import torch
-
-        torch.set_num_threads(int(job["threads"]))
+    use_job_threads(job)
     run = Path(job["run"])
     metrics = run / "metrics.json"
     t0 = time.time()
@@ -369,7 +366,7 @@ def _pretrain_arms_launched(arms: list[Arm], spec: BenchmarkSpec, data: dict[str
     jobs = []
     for arm in arms:
         for domain in sorted({data[d]["domain"] for d in spec.datasets}):
-            final = out / "pretrain" / f"{arm.name}@{domain}" / "checkpoints" / "final.pt"
+            final = _pretrain_run(out, arm, domain) / "checkpoints" / "final.pt"
             if arm.preset is None or final.exists():
                 checkpoints[(arm.name, domain)] = None if arm.preset is None else str(final)
                 continue
@@ -398,10 +395,7 @@ def _pretrain_arms_launched(arms: list[Arm], spec: BenchmarkSpec, data: dict[str
 def pretrain_arm(job: dict[str, Any]) -> dict[str, Any]:
     """A launcher job: pre-train ``job["arm"]`` on the ``job["domain"]`` pool (already preprocessed);
     ``{"checkpoint": final.pt}`` or ``{"error": why}``."""
-    if job.get("threads"):
-        import torch
-
-        torch.set_num_threads(int(job["threads"]))
+    use_job_threads(job)
     try:
         return {"checkpoint": _pretrain(job["arm"], job["domain"], Path(job["out"]), job["scale"], job["seed"],
                                         job["unlabeled"], job["probe"], prepared=True)}
@@ -619,9 +613,19 @@ def _prepare_pool(arm: Arm, domain: str, out: Path, sc: BenchScale, seed: int, u
     from volssl.data.preprocess import preprocess
 
     plan = _scaled_plan(arm.plan, sc)
-    pre = out / "pool" / domain / plan.name
+    pre = _pool_dir(out, domain, plan.name)
     preprocess(_pool(domain, out, sc, seed, unlabeled), pre, plan=plan, workers=2, progress=False)
     return pre
+
+
+def _pool_dir(out: Path, domain: str, plan: str) -> Path:
+    """Where the ``domain`` pool preprocessed with ``plan`` lives."""
+    return out / "pool" / domain / plan
+
+
+def _pretrain_run(out: Path, arm: Arm, domain: str) -> Path:
+    """The run folder of ``arm``'s pre-training on the ``domain`` pool."""
+    return out / "pretrain" / f"{arm.name}@{domain}"
 
 
 def _pretrain(arm: Arm, domain: str, out: Path, sc: BenchScale, seed: int, unlabeled: str | None,
@@ -632,11 +636,11 @@ def _pretrain(arm: Arm, domain: str, out: Path, sc: BenchScale, seed: int, unlab
     from volssl.config import resolve
     from volssl.training.trainer import pretrain, resume_or_start_over
 
-    run = out / "pretrain" / f"{arm.name}@{domain}"
+    run = _pretrain_run(out, arm, domain)
     final = run / "checkpoints" / "final.pt"
     if final.exists():
         return str(final)
-    pre = (out / "pool" / domain / _scaled_plan(arm.plan, sc).name if prepared
+    pre = (_pool_dir(out, domain, _scaled_plan(arm.plan, sc).name) if prepared
            else _prepare_pool(arm, domain, out, sc, seed, unlabeled))
     overrides = [f"train.seed={seed}"]
     if sc.pretrain_steps:

@@ -415,8 +415,6 @@ def submit(spec: LaunchSpec, fn: Callable[..., Any], *args: Any) -> Any:
     executor = make_executor(spec)
     try:
         return executor.submit(fn, *args)
-    except LauncherUnavailable:
-        raise
     except Exception as e:  # noqa: BLE001 - sbatch refused it: one line
         raise LauncherUnavailable(f"--launcher {spec.kind}: the job was not submitted: {_one_line(e)}") from None
 

@@ -184,11 +184,10 @@ def trial_job(job: dict[str, Any]) -> dict[str, Any]:
     ``threads`` torch threads); ``{"error": why}`` when it raises."""
     from volssl.util.errors import describe_error
 
-    try:
-        if job.get("threads"):
-            import torch
+    from volssl.util.workers import use_job_threads
 
-            torch.set_num_threads(int(job["threads"]))
+    try:
+        use_job_threads(job)
         return run_trial(job["space"], job["params"], job["setup"], Path(job["out"]))
     except Exception as e:  # noqa: BLE001 - a failed trial, reported to the study
         return {"error": describe_error(e)}

@@ -83,3 +83,12 @@ def watched_pool(workers: int, ctx) -> ProcessPoolExecutor:
     me = os.getpid()
     return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
                                initargs=(me, _process_start(me)))
+
+
+def use_job_threads(job: dict) -> None:
+    """Give torch ``job["threads"]`` CPU threads in a worker process or launcher job (absent, None or 0:
+    leave torch's default)."""
+    if job.get("threads"):
+        import torch
+
+        torch.set_num_threads(int(job["threads"]))
