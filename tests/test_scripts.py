@@ -73,3 +73,33 @@ def test_demo_draws_summarises_gain_floors_and_intervals(tmp_path, capsys):
     assert "both arms learned: 4 pairs, mean difference +2.5" in out  # 10, 2, -4, 2
     with pytest.raises(SystemExit, match="results.json not found"):
         demo_draws.main([str(tmp_path / "missing")])
+
+
+def test_visible_context_predictors_use_only_the_visible_tokens():
+    """The visible-context predictors never read a removed token: changing the removed voxels leaves every
+    prediction unchanged. On a smooth crop (structure far coarser than a token) interpolation beats the
+    crop mean by a wide margin; on white noise nothing does."""
+    vc = _load("xnt_visible_context")
+    rng = np.random.default_rng(0)
+    removed = vc.token_mask(8, 0.75, rng)
+    assert removed.sum() == 512 - int(512 * 0.25)
+    smooth = ndimage_smooth(rng.standard_normal((32, 32, 32)), 4.0)
+    vox_removed = np.kron(removed, np.ones((4, 4, 4), dtype=bool))
+    changed = smooth.copy()
+    changed[vox_removed] = 7.0
+    a, b = vc.predictions(smooth, removed), vc.predictions(changed, removed)
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], err_msg=name)
+    smooth_scores = vc.score([smooth], [removed])
+    assert smooth_scores["voxel interpolation, sigma 4 voxels"] < 0.5 * smooth_scores["crop mean (0)"]
+    noise = rng.standard_normal((32, 32, 32))
+    noise = (noise - noise.mean()) / noise.std()
+    noise_scores = vc.score([noise], [removed])
+    assert min(noise_scores.values()) > 0.97
+
+
+def ndimage_smooth(a: np.ndarray, sigma: float) -> np.ndarray:
+    from scipy import ndimage
+
+    s = ndimage.gaussian_filter(a, sigma)
+    return (s - s.mean()) / s.std()
