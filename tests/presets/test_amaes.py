@@ -56,9 +56,22 @@ def test_no_intensity_ablation_differs_only_in_the_intensity_switch():
     assert ablation == base
 
 
+def test_skips_ablation_differs_only_in_the_decoder_skips():
+    """Sec. 3's decoder ablation (skips during pre-training) is a preset and a benchmark arm with the same twin."""
+    from volssl.presets.arms import get_arms
+
+    base, ablation = get_preset("amaes-unet-b"), get_preset("amaes-unet-b-skips")
+    assert ablation.method.decoder_skips is True and base.method.decoder_skips is False
+    ablation.method.decoder_skips = False
+    ablation.preset, ablation.description = base.preset, base.description
+    assert ablation == base
+    arm = get_arms()["amaes-unet-skips"]
+    assert (arm.preset, arm.plan, arm.twin) == ("amaes-unet-b-skips", "amaes", "scratch-unet")
+
+
 @pytest.mark.parametrize("name,arch", [("amaes-unet-b", "unet-tiny"), ("amaes-unet-xl", "unet-tiny"),
                                        ("amaes-mednext-m", "mednext-tiny"), ("amaes-mednext-l", "mednext-tiny"),
-                                       ("amaes-unet-b-no-intensity", "unet-tiny")])
+                                       ("amaes-unet-b-no-intensity", "unet-tiny"), ("amaes-unet-b-skips", "unet-tiny")])
 def test_tiny_siblings_run_the_same_method_on_cpu_sizes(name, arch):
     real, tiny = get_preset(name), get_preset(f"{name}-tiny")
     assert tiny.model.arch == arch and tiny.data.patch_size == (64, 64, 64) and tiny.train.steps == 300
