@@ -67,11 +67,18 @@ def test_skips_ablation_differs_only_in_the_decoder_skips():
     assert ablation == base
     arm = get_arms()["amaes-unet-skips"]
     assert (arm.preset, arm.plan, arm.twin) == ("amaes-unet-b-skips", "amaes", "scratch-unet")
+    both = get_preset("amaes-unet-b-no-intensity-skips")
+    assert both.method.decoder_skips is True and both.method.intensity.enabled is False
+    both.method.decoder_skips, both.method.intensity.enabled = False, True
+    both.preset, both.description = base.preset, base.description
+    assert both == base
+    assert get_arms()["amaes-unet-no-intensity-skips"].twin == "scratch-unet"
 
 
 @pytest.mark.parametrize("name,arch", [("amaes-unet-b", "unet-tiny"), ("amaes-unet-xl", "unet-tiny"),
                                        ("amaes-mednext-m", "mednext-tiny"), ("amaes-mednext-l", "mednext-tiny"),
-                                       ("amaes-unet-b-no-intensity", "unet-tiny"), ("amaes-unet-b-skips", "unet-tiny")])
+                                       ("amaes-unet-b-no-intensity", "unet-tiny"), ("amaes-unet-b-skips", "unet-tiny"),
+                                       ("amaes-unet-b-no-intensity-skips", "unet-tiny")])
 def test_tiny_siblings_run_the_same_method_on_cpu_sizes(name, arch):
     real, tiny = get_preset(name), get_preset(f"{name}-tiny")
     assert tiny.model.arch == arch and tiny.data.patch_size == (64, 64, 64) and tiny.train.steps == 300

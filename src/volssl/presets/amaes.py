@@ -24,6 +24,8 @@ artifacts (``method.intensity``, :class:`~volssl.data.intensity_artifacts.Artifa
 the spatial part, which the target shares, and ablate the invariance to intensity artifacts).
 ``amaes-unet-b-skips`` is Sec. 3's decoder ablation: the light-weight decoder with U-Net skip connections
 during pre-training (the paper: Dice 56.22 with, 56.65 without, BraTS21, not significant).
+``amaes-unet-b-no-intensity-skips`` is ours, not the paper's: both ablations together, the variant that
+the CPU evidence scale measures (docs/evidence.md, AMAES).
 """
 from __future__ import annotations
 
@@ -113,9 +115,16 @@ def amaes_unet_b_skips() -> RunConfig:
     return _amaes("U-Net B, pre-training decoder with skips", "unet-b", 16, 1e-4, skips=True)
 
 
+@register_preset("amaes-unet-b-no-intensity-skips")
+def amaes_unet_b_no_intensity_skips() -> RunConfig:
+    return _amaes("U-Net B, both ablations (ours: Table 3's and Sec. 3's together)", "unet-b", 16, 1e-4,
+                  intensity=False, skips=True)
+
+
 for _name, _fn in (("amaes-unet-b", amaes_unet_b), ("amaes-unet-xl", amaes_unet_xl),
                    ("amaes-mednext-m", amaes_mednext_m), ("amaes-mednext-l", amaes_mednext_l),
-                   ("amaes-unet-b-no-intensity", amaes_unet_b_no_intensity), ("amaes-unet-b-skips", amaes_unet_b_skips)):
+                   ("amaes-unet-b-no-intensity", amaes_unet_b_no_intensity), ("amaes-unet-b-skips", amaes_unet_b_skips),
+                   ("amaes-unet-b-no-intensity-skips", amaes_unet_b_no_intensity_skips)):
     register_preset(f"{_name}-tiny")(lambda fn=_fn: _amaes_tiny(fn()))
 
 
@@ -126,6 +135,8 @@ register_arm(
         preset="amaes-unet-b-no-intensity", plan="amaes", twin="scratch-unet"),
     Arm("amaes-unet-skips", "AMAES with a pre-training decoder with skips (U-Net B)", "amaes",
         preset="amaes-unet-b-skips", plan="amaes", twin="scratch-unet"),
+    Arm("amaes-unet-no-intensity-skips", "AMAES without intensity augmentation, decoder with skips (U-Net B)",
+        "amaes", preset="amaes-unet-b-no-intensity-skips", plan="amaes", twin="scratch-unet"),
     Arm("scratch-unet", "U-Net B from scratch (AMAES schedule)", "scratch-amaes-schedule", plan="amaes",
         arch="unet-b"),
 )

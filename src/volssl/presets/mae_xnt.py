@@ -11,6 +11,11 @@ Values the paper leaves open come from the public code (xni-esrf/MAE_XNT): an ep
 crops (3,000 steps at batch 320), 300 epochs, the cosine ends at lr / 10, no gradient clipping, the
 decoder is 768 wide with 12 heads. The Table 4 ablation rows use Table 7's batch sizes (224, 256,
 280, 320; 1792 with 8^3 patches) with the same linear lr scaling and the same number of epochs.
+
+Per-crop z-scoring suits nanotomography volumes (no background). On preprocessed data with background
+(an MRI head in air), fine-tuning sees the plan's per-volume z-score, so a pre-training crop z-scored on
+its own is shifted against it (+0.78 +- 0.26 on the brain phantoms); ``--set data.crop_zscore=false``
+pre-trains on the plan's intensities instead (docs/evidence.md, MAE-XNT).
 """
 from __future__ import annotations
 
