@@ -3,7 +3,7 @@
 ``scripts/xnt_target_predictability.py`` scores oracles that see the masked voxels' clean structure;
 they bound what any model could reach, not what the visible 10% of a crop supports. This script scores
 predictors that use only what the MAE's encoder sees, on the crops the trainer samples (the pool's
-``xnt`` plan, ``crop_zscore``, 4^3 tokens, a fresh uniform mask per crop as in ``MAEXNT.random_masking``):
+``xnt`` plan, ``crop_zscore``, 4^3 tokens, a fresh uniform mask per crop keeping ``MAEXNT.n_kept`` tokens):
 
 * ``crop mean`` (0): the mean-prediction plateau, about 1.0;
 * ``visible mean``: every masked voxel predicted by the mean of the crop's visible voxels;
@@ -29,26 +29,37 @@ import argparse
 import numpy as np
 from scipy import ndimage
 
+from volssl.config import resolve
 from volssl.data.dataset import PreprocessedDataset
 from volssl.data.patches import PatchSampler
+from volssl.methods import build_method
 
 SIGMAS = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 
-def token_mask(grid: int, ratio: float, rng: np.random.Generator) -> np.ndarray:
-    """``(grid, grid, grid)`` bool, True where a token is removed: ``N - int(N (1 - ratio))`` of them."""
-    n = grid ** 3
-    keep = max(1, int(n * (1 - ratio)))
-    removed = np.ones(n, dtype=bool)
-    removed[rng.permutation(n)[:keep]] = False
-    return removed.reshape(grid, grid, grid)
+def token_masks(n: int, grid: int, ratio: float, seed: int = 0) -> list[np.ndarray]:
+    """``n`` token masks ``(grid, grid, grid)`` bool, True where a token is removed: uniform over the
+    tokens (numpy RNG seeded with ``seed``), as many kept as MAE-XNT keeps (``MAEXNT.n_kept`` of the tiny
+    preset at mask ratio ``ratio``)."""
+    keep = build_method(resolve("mae-xnt-tiny", [f"method.mask_ratio={ratio}"])).n_kept(grid ** 3)
+    rng = np.random.default_rng(seed)
+    masks = []
+    for _ in range(n):
+        removed = np.ones(grid ** 3, dtype=bool)
+        removed[rng.permutation(grid ** 3)[:keep]] = False
+        masks.append(removed.reshape(grid, grid, grid))
+    return masks
+
+
+def voxel_mask(removed: np.ndarray, p: int = 4) -> np.ndarray:
+    """The token mask ``removed`` (grid^3) expanded to the crop's voxels (each token a ``p^3`` block)."""
+    return np.kron(removed, np.ones((p, p, p), dtype=bool))
 
 
 def predictions(crop: np.ndarray, removed: np.ndarray, p: int = 4,
                 sigmas: tuple[float, ...] = SIGMAS) -> dict[str, np.ndarray]:
     """Each predictor's voxel map for one crop ``(X, Y, Z)`` given the token mask ``removed`` (grid^3)."""
-    vox_removed = np.kron(removed, np.ones((p, p, p), dtype=bool))
-    visible = ~vox_removed
+    visible = ~voxel_mask(removed, p)
     out = {"crop mean (0)": np.zeros_like(crop),
            "visible mean": np.full_like(crop, crop[visible].mean())}
     g = removed.shape[0]
@@ -69,17 +80,17 @@ def predictions(crop: np.ndarray, removed: np.ndarray, p: int = 4,
 def score(crops: list[np.ndarray], masks: list[np.ndarray], p: int = 4) -> dict[str, float]:
     """MAE-XNT's loss (mean squared error on the removed tokens' voxels, per crop, then over crops) of
     each predictor after its best scalar gain over all crops."""
-    sums: dict[str, list[float]] = {}
-    per: list[tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]] = []
+    per = []  # (predictions, target voxels, removed voxels) of each crop
     for crop, removed in zip(crops, masks):
-        vox_removed = np.kron(removed, np.ones((p, p, p), dtype=bool))
-        per.append((predictions(crop, removed, p), crop[vox_removed], vox_removed))
+        m = voxel_mask(removed, p)
+        per.append((predictions(crop, removed, p), crop[m], m))
+    out = {}
     for name in per[0][0]:
-        xy = sum(float((pred[m] * t).sum()) for pred, t, m in ((d[name], t, m) for d, t, m in per))
-        xx = sum(float((pred[m] ** 2).sum()) for pred, t, m in ((d[name], t, m) for d, t, m in per))
+        xy = sum(float((d[name][m] * t).sum()) for d, t, m in per)
+        xx = sum(float((d[name][m] ** 2).sum()) for d, t, m in per)
         gain = xy / xx if xx > 1e-12 else 0.0
-        sums[name] = [float(((gain * d[name][m] - t) ** 2).mean()) for d, t, m in per]
-    return {k: float(np.mean(v)) for k, v in sums.items()}
+        out[name] = float(np.mean([((gain * d[name][m] - t) ** 2).mean() for d, t, m in per]))
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -94,9 +105,8 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--patch must be a multiple of the 4-voxel token, got {a.patch}")
     sampler = PatchSampler(PreprocessedDataset(a.pool), (a.patch,) * 3, seed=a.seed, channel_mode="single",
                            crop_zscore=True)
-    rng = np.random.default_rng(a.seed)
     crops = [np.asarray(sampler[i]["image"], dtype=np.float64)[0] for i in range(a.crops)]
-    masks = [token_mask(a.patch // 4, a.ratio, rng) for _ in crops]
+    masks = token_masks(a.crops, a.patch // 4, a.ratio, a.seed)
     res = score(crops, masks)
     print(f"{a.pool}: {a.crops} crops of {a.patch}^3, mask ratio {a.ratio}; loss on the removed tokens "
           f"(best scalar gain)")

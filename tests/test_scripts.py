@@ -81,10 +81,11 @@ def test_visible_context_predictors_use_only_the_visible_tokens():
     crop mean by a wide margin; on white noise nothing does."""
     vc = _load("xnt_visible_context")
     rng = np.random.default_rng(0)
-    removed = vc.token_mask(8, 0.75, rng)
+    removed = vc.token_masks(1, 8, 0.75)[0]
     assert removed.sum() == 512 - int(512 * 0.25)
     smooth = ndimage_smooth(rng.standard_normal((32, 32, 32)), 4.0)
-    vox_removed = np.kron(removed, np.ones((4, 4, 4), dtype=bool))
+    vox_removed = vc.voxel_mask(removed)
+    assert vox_removed.shape == (32, 32, 32) and vox_removed.sum() == 64 * removed.sum()
     changed = smooth.copy()
     changed[vox_removed] = 7.0
     a, b = vc.predictions(smooth, removed), vc.predictions(changed, removed)
