@@ -224,6 +224,9 @@ class BenchmarkSpec:
         seed: seed of the generated phantoms and of pre-training.
         pretrain_steps, finetune_steps, n_labeled: override the scale's step counts and the number of
             labeled phantoms generated per task (a changed value is a new experiment: use another ``out``).
+        finetune_set: recipe overrides (``KEY=VALUE``, as ``volssl finetune --set``) applied to every arm's
+            fine-tuning after the arm's own, so both sides of a pair change alike (e.g. ``head_init=small``);
+            a changed value is a new experiment: use another ``out``.
         draws: independent phantom draws (default: the scale's; None there: the one draw ``seed``): each
             draw ``k`` is a whole benchmark in ``out/draw<k>`` (its own pool, datasets and pre-training,
             generated with seed ``k``), and one report covers them all (``out/report``).
@@ -241,6 +244,7 @@ class BenchmarkSpec:
     finetune_steps: int | None = None
     n_labeled: int | None = None
     draws: Sequence[int] | None = None
+    finetune_set: Sequence[str] = ()
 
 
 def run_benchmark(out: str | Path, spec: BenchmarkSpec, workers: int = 2, device: str = "cpu",
@@ -452,7 +456,7 @@ def _cell_jobs(arms: list[Arm], spec: BenchmarkSpec, data: dict[str, dict[str, A
                             "test_labels": str(data[b]["raw"] / "labelsTs")} for a, b in pairs if a == d]
                     jobs.append({"method": arm.name, "dataset_name": d, "checkpoint": ckpt, "dataset": str(pre),
                                  "recipe": recipe, "stage_steps": steps, "n_train": n, "task": task.name,
-                                 "overrides": overrides + list(task.recipe_overrides),
+                                 "overrides": overrides + list(spec.finetune_set) + list(task.recipe_overrides),
                                  "seed": s, "run": str(run), "test_images": str(info["raw"] / "imagesTs"),
                                  "test_labels": str(info["raw"] / "labelsTs"), "generalisation": gen,
                                  "threads": 1, "device": device})

@@ -40,6 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="override the scale's fine-tuning steps (split over a recipe's stages in its proportions)")
     p.add_argument("--n-labeled", type=int, default=None,
                    help="labeled training phantoms generated per phantom task (default: the scale's)")
+    p.add_argument("--finetune-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="fine-tuning recipe override for every arm (repeatable; as `volssl finetune --set`, "
+                        "e.g. head_init=small); a new value is a new experiment: use another --out")
     p.add_argument("--list", action="store_true", help="list the methods and scales, then exit")
     add_launcher_arguments(p, "pre-training and each fine-tuning cell")
     p.set_defaults(func=_run)
@@ -79,6 +82,21 @@ def _n_trains(text: str) -> list:
     return out
 
 
+def _finetune_set(items: list[str]) -> list[str]:
+    """Check ``--finetune-set`` values against the recipe fields (an unknown key or bad value fails now, not
+    after pre-training)."""
+    from volssl.finetuning.recipes import resolve_recipe
+
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--finetune-set takes KEY=VALUE, got {item!r}")
+        try:
+            resolve_recipe("s3d-tiny", [item])
+        except (KeyError, ValueError, TypeError) as e:
+            raise ValueError(f"--finetune-set {item}: {e}") from None
+    return list(items)
+
+
 def _run(args: argparse.Namespace) -> int:
     from volssl.benchmark import SCALES, BenchmarkSpec, run_benchmark
     from volssl.presets.arms import get_arms
@@ -115,7 +133,7 @@ def _run(args: argparse.Namespace) -> int:
     spec = BenchmarkSpec(_split(args.methods), datasets, n_trains=n_trains, seeds=seeds, scale=args.scale,
                          generalisation=_split(args.generalisation), unlabeled=args.unlabeled, seed=args.seed,
                          pretrain_steps=args.pretrain_steps, finetune_steps=args.finetune_steps,
-                         n_labeled=args.n_labeled, draws=draws)
+                         n_labeled=args.n_labeled, draws=draws, finetune_set=_finetune_set(args.finetune_set))
     out = os.path.abspath(args.out) if launcher is not None else args.out  # jobs may start elsewhere
     run_benchmark(out, spec, workers=args.workers, device=args.device, launcher=launcher)
     return 0

@@ -53,7 +53,8 @@ from volssl.finetuning.losses import LabelMap
 from volssl.finetuning.recipes import lr_at_step, resolve_recipe, stage_at
 from volssl.finetuning.splits import make_splits, save_splits
 from volssl.finetuning.tasks import get_task
-from volssl.finetuning.transfer import TransferReport, set_trainable, trainable_names, transfer_weights
+from volssl.finetuning.transfer import (TransferReport, init_heads, set_trainable, trainable_names,
+                                       transfer_weights)
 from volssl.training import distributed as D
 from volssl.training.augment import intensity_augment, spatial_augment
 from volssl.training.checkpoint import checkpoint_model, find_run_checkpoint, load_checkpoint
@@ -448,6 +449,7 @@ def _build_network(cfg: Any, source: Source | None, dynamic: Any, data: Labelled
         report = transfer_weights(network, source.network, cfg.transfer, cfg.stem_init, where=source.path)
         _say(f"{source.path} (step {source.step}): {report.summary()}", info)
         source.network = {}  # the weights now live in the network
+    init_heads(network, cfg.head_init, report.new)  # only heads the transfer left fresh
     patch = tuple(int(p) for p in (cfg.patch_size or (source.patch_size if source else None)
                                    or (dynamic.patch_size if dynamic else None) or ()))
     if len(patch) != 3:

@@ -46,6 +46,7 @@ TRAINABLE = ("decoder", "all")  # what a stage trains
 STAGE_LR = ("warmup", "decay", "constant")  # the stage's lr curve
 TASKS = ("semantic", "affinities")  # what the network predicts
 STEM_INITS = ("replicate", "random")  # multi-channel stem: replicated pre-trained weights, or fresh ones
+HEAD_INITS = ("he", "small")  # output convs: nnU-Net's He init, or MAE fine-tuning's near-zero one
 
 
 @dataclass
@@ -72,6 +73,10 @@ class FinetuneRecipe:
         name, description: the recipe's name and the paper row it reproduces.
         transfer: "all" (encoder + decoder), "encoder" (new decoder) or "none" (random init).
         stem_init: how a stem with more input channels than the checkpoint's is initialised.
+        head_init: the output convs (``decoder.seg_layers``, every resolution): "he" (nnU-Net's He
+            init, zero bias) or "small" (weights from a normal with std 2e-5 truncated at 2 std, zero
+            bias: MAE's fine-tuning head init). "small" starts every voxel at equal class
+            probabilities whatever the seed; "he" gives some seeds confidently wrong initial logits.
         train_stem_with_decoder: whether the stem is trained during "decoder" stages (Table 6: no).
         stages: the schedule (see :class:`Stage`); ``train.steps`` is their total.
         arch: architecture without a checkpoint (None: the checkpoint's).
@@ -104,6 +109,7 @@ class FinetuneRecipe:
     description: str = ""
     transfer: str = "all"
     stem_init: str = "replicate"
+    head_init: str = "he"
     train_stem_with_decoder: bool = False
     stages: tuple[Stage, ...] = ()
     arch: str | None = None
@@ -138,6 +144,8 @@ class FinetuneRecipe:
             raise ValueError(f"{where}: transfer must be one of {TRANSFERS}, got {self.transfer!r}")
         if self.stem_init not in STEM_INITS:
             raise ValueError(f"{where}: stem_init must be one of {STEM_INITS}, got {self.stem_init!r}")
+        if self.head_init not in HEAD_INITS:
+            raise ValueError(f"{where}: head_init must be one of {HEAD_INITS}, got {self.head_init!r}")
         if not self.stages:
             raise ValueError(f"{where}: no stages")
         for k, s in enumerate(self.stages):

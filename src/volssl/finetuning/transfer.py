@@ -143,6 +143,36 @@ def transfer_weights(network: nn.Module, source: Mapping[str, Tensor], transfer:
     return report
 
 
+HEAD_SMALL_STD = 2e-5  # MAE's fine-tuning head init (facebookresearch/mae main_finetune.py)
+
+
+def init_heads(network: nn.Module, mode: str, keys: list[str] | None = None) -> list[str]:
+    """Re-initialise the output convs (``decoder.seg_layers.*``) per ``mode``; returns the keys changed.
+
+    ``"he"``: leave them as built (nnU-Net's He init, zero bias). ``"small"``: weights from a normal
+    with std :data:`HEAD_SMALL_STD` truncated at 2 std, biases 0, so every voxel starts at equal class
+    probabilities (logits ~1e-5) whatever the seed. ``keys``: only these state-dict keys (the ones the
+    transfer left new; a head moved from a checkpoint is never touched); None: every head tensor.
+    Draws from torch's global generator (the caller seeds it).
+    """
+    if mode not in ("he", "small"):
+        raise ValueError(f"init_heads: mode must be 'he' or 'small', got {mode!r}")
+    if mode == "he":
+        return []
+    allowed = None if keys is None else set(keys)
+    changed = []
+    with torch.no_grad():
+        for name, p in network.named_parameters():
+            if not name.startswith(HEAD_PREFIX) or (allowed is not None and name not in allowed):
+                continue
+            if name.endswith(".bias"):
+                p.zero_()
+            else:
+                nn.init.trunc_normal_(p, std=HEAD_SMALL_STD, a=-2 * HEAD_SMALL_STD, b=2 * HEAD_SMALL_STD)
+            changed.append(name)
+    return changed
+
+
 def unused_heads(network: nn.Module, deep_supervision: bool = True) -> tuple[str, ...]:
     """Prefixes of the output heads no loss uses: without deep supervision all but the last
     (full-resolution) one; with it the first (lowest resolution, weight 0 as in nnU-Net)."""
