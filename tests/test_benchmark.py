@@ -42,9 +42,12 @@ def test_unknown_method_is_refused(tmp_path):
 def test_quick_benchmark_runs_resumes_and_reports(tmp_path):
     out = tmp_path / "bench"
     spec = BenchmarkSpec(methods=["s3d", "no-fixed"], datasets=["brain"], n_trains=[2], seeds=[0], scale="quick",
-                         generalisation=["brain:brain"])
+                         generalisation=["brain:brain"], finetune_set=["head_init=small"])
     result = run_benchmark(out, spec, workers=1)
     cells = result["cells"]
+    for arm in ("s3d", "no-fixed"):  # --finetune-set reaches both sides of the pair
+        config = json.loads((out / "finetune" / "brain" / f"{arm}_n2_s0" / "config.json").read_text())
+        assert config["recipe"]["head_init"] == "small"
     assert {c["method"] for c in cells} == {"s3d", "no-fixed"}
     assert all(0.0 <= c["dice"] <= 1.0 for c in cells)
     assert all(len(c["generalisation"]) == 1 for c in cells)

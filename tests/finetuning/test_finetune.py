@@ -96,6 +96,21 @@ def test_stages_train_what_the_recipe_says(reference, pretrained):
     assert not torch.equal(final[STEM], w4[STEM])  # stage 3 trains it too
 
 
+def test_small_head_init_starts_every_voxel_at_equal_probabilities(reference, pretrained, preprocessed, tmp_path,
+                                                                   monkeypatch):
+    snaps: dict = {}
+    run(tmp_path / "small", pretrained, preprocessed, monkeypatch=monkeypatch, snapshots=snaps,
+        stage_steps=[1, 1, 1], overrides=["head_init=small"])
+    small, he = snaps[0][0], reference[2][0][0]
+    heads = [n for n in small if n.startswith("decoder.seg_layers.")]
+    assert heads and all(small[n].abs().max() <= 4e-5 for n in heads)
+    assert any(he[n].abs().max() > 0.1 for n in heads if n.endswith(".weight"))  # the He init it replaces
+    for name in small:  # the transfer and every other tensor are as with the He head
+        if name not in heads:
+            assert torch.equal(small[name], he[name]), name
+    assert json.loads((tmp_path / "small" / "config.json").read_text())["recipe"]["head_init"] == "small"
+
+
 def _named(weights):
     from volssl.models.registry import build_model
     from volssl.config import ModelConfig

@@ -6,7 +6,7 @@ import torch
 
 from volssl.config import ModelConfig, resolve
 from volssl.finetuning.transfer import (
-    replicate_stem, set_trainable, trainable_names, transfer_weights,
+    init_heads, replicate_stem, set_trainable, trainable_names, transfer_weights,
 )
 from volssl.methods.s3d import S3D
 from volssl.models.registry import build_model
@@ -125,3 +125,53 @@ def test_trainable_sets_per_stage():
     assert set_trainable(net, "all") is True
     assert {n for n, p in net.named_parameters() if not p.requires_grad} == {"decoder.seg_layers.0.weight",
                                                                             "decoder.seg_layers.0.bias"}
+
+
+def test_small_head_init_zeroes_the_logits_of_every_seed_and_touches_nothing_else():
+    x = torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(0))
+    spread = []
+    for seed in range(4):
+        net = fresh(out_channels=2, seed=seed).eval()
+        with torch.no_grad():
+            he = net(x)
+        before = {k: v.clone() for k, v in net.state_dict().items()}
+        changed = init_heads(net, "small")
+        assert set(changed) == {k for k in before if k.startswith("decoder.seg_layers.")}
+        for k, v in net.state_dict().items():
+            if k in changed:
+                assert v.abs().max() <= 4e-5 and (not k.endswith(".bias") or not v.any()), k
+            else:
+                assert torch.equal(v, before[k]), k
+        with torch.no_grad():
+            small = net(x)
+        assert small.abs().max() < 1e-3  # softmax 0.5 / 0.5 everywhere
+        spread.append((he[:, 1] - he[:, 0]).abs().mean().item())
+    assert max(spread) > 0.3  # what it replaces: He heads give seed-dependent logits of order 1
+    assert init_heads(net, "he") == []
+
+
+def test_init_heads_leaves_heads_outside_keys_and_refuses_unknown_modes():
+    net = fresh(out_channels=2)
+    head = "decoder.seg_layers.0.weight"
+    before = net.state_dict()[head].clone()
+    changed = init_heads(net, "small", keys=["decoder.seg_layers.1.weight"])
+    assert changed == ["decoder.seg_layers.1.weight"] and torch.equal(net.state_dict()[head], before)
+    with pytest.raises(ValueError, match="must be one of"):
+        init_heads(net, "zero")
+
+
+def test_prior_head_init_starts_foreground_classes_at_one_percent():
+    net = fresh(out_channels=3, seed=2).eval()
+    init_heads(net, "prior")
+    with torch.no_grad():
+        probs = torch.softmax(net(torch.randn(1, 1, 32, 32, 32)), 1)
+    assert torch.allclose(probs[:, 1:], torch.full_like(probs[:, 1:], 0.01), atol=1e-4)
+    assert torch.allclose(probs[:, 0], torch.full_like(probs[:, 0], 0.98), atol=1e-4)
+
+
+def test_prior_head_init_is_refused_for_affinities():
+    from volssl.finetuning.recipes import resolve_recipe
+
+    assert resolve_recipe("s3d-tiny", ["head_init=prior"]).head_init == "prior"
+    with pytest.raises(ValueError, match="task must be 'semantic'"):
+        resolve_recipe("s3d-tiny", ["head_init=prior", "task=affinities"])

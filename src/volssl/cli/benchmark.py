@@ -117,6 +117,7 @@ def _run(args: argparse.Namespace) -> int:
     n_trains = None if args.n_train is None else _n_trains(args.n_train)
     seeds = None if args.seeds is None else _ints(args.seeds, "--seeds")
     draws = None if args.draws is None else _ints(args.draws, "--draws")
+    finetune_set = _finetune_set(args.finetune_set)
     for option, value in (("--pretrain-steps", args.pretrain_steps), ("--finetune-steps", args.finetune_steps),
                           ("--n-labeled", args.n_labeled)):
         if value is not None and value < 0:
@@ -133,7 +134,7 @@ def _run(args: argparse.Namespace) -> int:
     spec = BenchmarkSpec(_split(args.methods), datasets, n_trains=n_trains, seeds=seeds, scale=args.scale,
                          generalisation=_split(args.generalisation), unlabeled=args.unlabeled, seed=args.seed,
                          pretrain_steps=args.pretrain_steps, finetune_steps=args.finetune_steps,
-                         n_labeled=args.n_labeled, draws=draws, finetune_set=_finetune_set(args.finetune_set))
+                         n_labeled=args.n_labeled, draws=draws, finetune_set=finetune_set)
     out = os.path.abspath(args.out) if launcher is not None else args.out  # jobs may start elsewhere
     run_benchmark(out, spec, workers=args.workers, device=args.device, launcher=launcher)
     return 0
