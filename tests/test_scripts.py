@@ -104,3 +104,20 @@ def ndimage_smooth(a: np.ndarray, sigma: float) -> np.ndarray:
 
     s = ndimage.gaussian_filter(a, sigma)
     return (s - s.mean()) / s.std()
+
+
+def test_floor_runs_scores_tell_an_under_confident_run_from_one_without_signal():
+    fr = _load("floor_runs")
+    target = np.zeros((8, 8, 8), bool)
+    target[2:4, 2:4, 2:4] = True
+    ranked = np.where(target, 0.4, 0.1)  # ranks the target first, never crosses 0.5
+    assert fr.auc(ranked, target) == 1.0 and fr.auc(1 - ranked, target) == 0.0
+    assert fr.auc(np.full(target.shape, 0.3), target) == 0.5  # ties count 1/2
+    assert np.isnan(fr.auc(ranked, np.zeros_like(target)))
+    s = fr.case_scores(ranked, target)
+    assert s == {"auc": 1.0, "p_fg": pytest.approx(0.4), "p_max": pytest.approx(0.4)}
+    assert fr.reading(0.0, s["auc"], s["p_max"]) == "under-confident"
+    assert fr.reading(0.0, 0.6, 0.3) == "no signal" and fr.reading(0.0, 0.95, 0.8) == "no signal"
+    assert fr.reading(30.0, 0.6, 0.3) == "learns"
+    with pytest.raises(ValueError, match="differ in shape"):
+        fr.case_scores(ranked, target[:4])

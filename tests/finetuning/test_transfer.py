@@ -159,19 +159,3 @@ def test_init_heads_leaves_heads_outside_keys_and_refuses_unknown_modes():
     with pytest.raises(ValueError, match="must be one of"):
         init_heads(net, "zero")
 
-
-def test_prior_head_init_starts_foreground_classes_at_one_percent():
-    net = fresh(out_channels=3, seed=2).eval()
-    init_heads(net, "prior")
-    with torch.no_grad():
-        probs = torch.softmax(net(torch.randn(1, 1, 32, 32, 32)), 1)
-    assert torch.allclose(probs[:, 1:], torch.full_like(probs[:, 1:], 0.01), atol=1e-4)
-    assert torch.allclose(probs[:, 0], torch.full_like(probs[:, 0], 0.98), atol=1e-4)
-
-
-def test_prior_head_init_is_refused_for_affinities():
-    from volssl.finetuning.recipes import resolve_recipe
-
-    assert resolve_recipe("s3d-tiny", ["head_init=prior"]).head_init == "prior"
-    with pytest.raises(ValueError, match="task must be 'semantic'"):
-        resolve_recipe("s3d-tiny", ["head_init=prior", "task=affinities"])

@@ -46,7 +46,7 @@ TRAINABLE = ("decoder", "all")  # what a stage trains
 STAGE_LR = ("warmup", "decay", "constant")  # the stage's lr curve
 TASKS = ("semantic", "affinities")  # what the network predicts
 STEM_INITS = ("replicate", "random")  # multi-channel stem: replicated pre-trained weights, or fresh ones
-HEAD_INITS = ("he", "small", "prior")  # output convs: nnU-Net's He init, MAE's near-zero one, or a class prior
+HEAD_INITS = ("he", "small")  # output convs: nnU-Net's He init, or MAE fine-tuning's near-zero one
 
 
 @dataclass
@@ -74,11 +74,11 @@ class FinetuneRecipe:
         transfer: "all" (encoder + decoder), "encoder" (new decoder) or "none" (random init).
         stem_init: how a stem with more input channels than the checkpoint's is initialised.
         head_init: the output convs (``decoder.seg_layers``, every resolution): "he" (nnU-Net's He
-            init, zero bias), "small" (weights from a normal with std 2e-5 truncated at 2 std, zero
+            init, zero bias) or "small" (weights from a normal with std 2e-5 truncated at 2 std, zero
             bias: MAE's fine-tuning head init). "small" starts every voxel at equal class
-            probabilities whatever the seed; "he" gives some seeds confidently wrong initial logits;
-            "prior": the "small" weights with biases that start each foreground class at probability
-            0.01 (:func:`volssl.finetuning.transfer.init_heads`; semantic task only).
+            probabilities whatever the seed, where "he" gives some seeds confidently wrong initial
+            logits; at the CPU evidence scale "small" left every 2-case run below p = 0.5 after 300
+            steps (docs/evidence.md, "What the floor runs are"), so no recipe uses it.
         train_stem_with_decoder: whether the stem is trained during "decoder" stages (Table 6: no).
         stages: the schedule (see :class:`Stage`); ``train.steps`` is their total.
         arch: architecture without a checkpoint (None: the checkpoint's).
@@ -148,9 +148,6 @@ class FinetuneRecipe:
             raise ValueError(f"{where}: stem_init must be one of {STEM_INITS}, got {self.stem_init!r}")
         if self.head_init not in HEAD_INITS:
             raise ValueError(f"{where}: head_init must be one of {HEAD_INITS}, got {self.head_init!r}")
-        if self.head_init == "prior" and self.task != "semantic":
-            raise ValueError(f"{where}: head_init='prior' sets class probabilities: task must be 'semantic', "
-                             f"got {self.task!r}")
         if not self.stages:
             raise ValueError(f"{where}: no stages")
         for k, s in enumerate(self.stages):

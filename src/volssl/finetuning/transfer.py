@@ -22,7 +22,6 @@ asked), or everything; output heads that no loss uses are never trainable.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -145,8 +144,7 @@ def transfer_weights(network: nn.Module, source: Mapping[str, Tensor], transfer:
 
 
 HEAD_SMALL_STD = 2e-5  # MAE's fine-tuning head init (facebookresearch/mae main_finetune.py)
-HEAD_PRIOR = 0.01  # "prior": each foreground class starts at this probability (RetinaNet's pi)
-HEAD_INIT_MODES = ("he", "small", "prior")
+HEAD_INIT_MODES = ("he", "small")
 
 
 def init_heads(network: nn.Module, mode: str, keys: list[str] | None = None) -> list[str]:
@@ -154,10 +152,7 @@ def init_heads(network: nn.Module, mode: str, keys: list[str] | None = None) -> 
 
     ``"he"``: leave them as built (nnU-Net's He init, zero bias). ``"small"``: weights from a normal
     with std :data:`HEAD_SMALL_STD` truncated at 2 std, biases 0, so every voxel starts at equal class
-    probabilities (logits ~1e-5) whatever the seed. ``"prior"``: the same weights, and biases that
-    start each of the ``K - 1`` foreground classes at probability :data:`HEAD_PRIOR` under a softmax
-    over channels (background ``1 - (K - 1) pi``; Lin et al. 2017's prior init), so the first steps
-    do not have to unlearn foreground everywhere. ``keys``: only these state-dict keys (the ones the
+    probabilities (logits ~1e-5) whatever the seed. ``keys``: only these state-dict keys (the ones the
     transfer left new; a head moved from a checkpoint is never touched); None: every head tensor.
     Draws from torch's global generator (the caller seeds it).
     """
@@ -171,16 +166,10 @@ def init_heads(network: nn.Module, mode: str, keys: list[str] | None = None) -> 
         for name, p in network.named_parameters():
             if not name.startswith(HEAD_PREFIX) or (allowed is not None and name not in allowed):
                 continue
-            if not name.endswith(".bias"):
-                nn.init.trunc_normal_(p, std=HEAD_SMALL_STD, a=-2 * HEAD_SMALL_STD, b=2 * HEAD_SMALL_STD)
-            elif mode == "small" or p.numel() < 2:
+            if name.endswith(".bias"):
                 p.zero_()
             else:
-                if (p.numel() - 1) * HEAD_PRIOR >= 1:
-                    raise ValueError(f"init_heads: 'prior' needs fewer than {1 / HEAD_PRIOR:.0f} classes, "
-                                     f"{name} has {p.numel()}")
-                p.fill_(math.log(HEAD_PRIOR))
-                p[0] = math.log(1 - (p.numel() - 1) * HEAD_PRIOR)
+                nn.init.trunc_normal_(p, std=HEAD_SMALL_STD, a=-2 * HEAD_SMALL_STD, b=2 * HEAD_SMALL_STD)
             changed.append(name)
     return changed
 
