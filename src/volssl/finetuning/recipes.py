@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from volssl.config import AugmentConfig, OptimConfig, TrainConfig, Triple, apply_overrides, config_to_dict
+from volssl.finetuning.transfer import HEAD_INIT_MODES
 from volssl.models.registry import tiny_arch
 from volssl.training.augment import IntensityConfig
 from volssl.training.optim import lr_at
@@ -46,7 +47,7 @@ TRAINABLE = ("decoder", "all")  # what a stage trains
 STAGE_LR = ("warmup", "decay", "constant")  # the stage's lr curve
 TASKS = ("semantic", "affinities")  # what the network predicts
 STEM_INITS = ("replicate", "random")  # multi-channel stem: replicated pre-trained weights, or fresh ones
-HEAD_INITS = ("he", "small")  # output convs: nnU-Net's He init, or MAE fine-tuning's near-zero one
+HEAD_INITS = HEAD_INIT_MODES  # output convs: nnU-Net's He init, or MAE fine-tuning's near-zero one
 
 
 @dataclass
