@@ -67,9 +67,9 @@ def test_quick_benchmark_runs_resumes_and_reports(tmp_path):
     report = (out / "report" / "report.md").read_text()
     assert "s3d" in report and "no-fixed" in report
     floor = _load_script("floor_runs").run_scores(out / "finetune" / "brain" / "s3d_n2_s0")  # the evidence script
-    assert 0.0 <= floor["auc"] <= 1.0 and 0.0 <= floor["p_max"] <= 1.0
+    assert 0.0 <= floor["auc"] <= 1.0 and 0.0 <= floor["p_max"] <= 1.0 and 0.0 <= floor["auc_input"] <= 1.0
     assert floor["dice"] == pytest.approx(100 * next(c["dice"] for c in cells if c["method"] == "s3d"))
-    assert floor["reading"] in ("learns", "under-confident", "no signal")
+    assert floor["reading"] in ("learns", "under-confident", "behind its input")
     metrics = out / "finetune" / "brain" / "s3d_n2_s0" / "metrics.json"
     stamp = metrics.stat().st_mtime_ns
     again = run_benchmark(out, spec, workers=1)  # resume: nothing recomputed
