@@ -1,8 +1,8 @@
 """Why does a fine-tuning run score Dice 0 ("stay at the floor")? Threshold-free scores of its test cases.
 
-A run whose argmax segmentation is empty can still rank the target voxels above the background: then
-its features are fine and only its output is not yet confident enough to cross p = 0.5 (under-confident);
-or it ranks them no better than chance (no signal). For every fine-tuning run (a benchmark cell: its
+A run whose argmax segmentation is empty can still rank the target voxels above the background as well
+as its raw input does: then only its output is not yet confident enough to cross p = 0.5
+(under-confident); or it ranks them worse than a raw input channel (behind its input). For every fine-tuning run (a benchmark cell: its
 ``config.json`` names the preprocessed labelled dataset, its ``predictions/`` the held-out cases) this
 script predicts foreground probabilities (``1 - p(background)``, sliding window, no mirroring) on those
 cases and prints, averaged over the cases:

@@ -33,24 +33,13 @@ def test_cell_names():
     assert cell_name("mae-xnt", 0.1, 2) == "mae-xnt_nf0.1_s2"
 
 
-def _load_script(name: str):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_unknown_method_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown benchmark method"):
         run_benchmark(tmp_path, BenchmarkSpec(["nope"], ["brain"], scale="quick"))
 
 
 @pytest.mark.slow
-def test_quick_benchmark_runs_resumes_and_reports(tmp_path):
+def test_quick_benchmark_runs_resumes_and_reports(tmp_path, load_script):
     out = tmp_path / "bench"
     spec = BenchmarkSpec(methods=["s3d", "no-fixed"], datasets=["brain"], n_trains=[2], seeds=[0], scale="quick",
                          generalisation=["brain:brain"], finetune_set=["head_init=small"])
@@ -66,7 +55,7 @@ def test_quick_benchmark_runs_resumes_and_reports(tmp_path):
     assert run_json["dataset"] == "brain->brain" and run_json["method"] == "s3d"
     report = (out / "report" / "report.md").read_text()
     assert "s3d" in report and "no-fixed" in report
-    floor = _load_script("floor_runs").run_scores(out / "finetune" / "brain" / "s3d_n2_s0")  # the evidence script
+    floor = load_script("floor_runs").run_scores(out / "finetune" / "brain" / "s3d_n2_s0")  # the evidence script
     assert 0.0 <= floor["auc"] <= 1.0 and 0.0 <= floor["p_max"] <= 1.0 and 0.0 <= floor["auc_input"] <= 1.0
     assert floor["dice"] == pytest.approx(100 * next(c["dice"] for c in cells if c["method"] == "s3d"))
     assert floor["reading"] in ("learns", "under-confident", "behind its input")

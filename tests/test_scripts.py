@@ -1,26 +1,15 @@
 """The measurement scripts that docs/evidence.md cites (scripts/ is not a package: loaded by path)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture(scope="module")
-def oracle():
-    return _load("xnt_target_predictability")
+def oracle(load_script):
+    return load_script("xnt_target_predictability")
 
 
 @pytest.mark.parametrize("kind", ["nuclei", "axons"])
@@ -53,10 +42,10 @@ def test_the_structures_keep_the_random_state(oracle):
     np.testing.assert_array_equal(structures, oracle.structures_only(1, shape=(32, 32, 32), kind="axons"))
 
 
-def test_demo_draws_summarises_gain_floors_and_intervals(tmp_path, capsys):
+def test_demo_draws_summarises_gain_floors_and_intervals(tmp_path, capsys, load_script):
     """Two synthetic demo folders: the per-draw gains, their mean, the floor counts per seed and the
     both-learned mean come out as computed by hand."""
-    demo_draws = _load("demo_draws")
+    demo_draws = load_script("demo_draws")
     runs = {3: [(50.0, 40.0), (30.0, 0.0), (60.0, 58.0)], 4: [(40.0, 44.0), (0.0, 0.0), (52.0, 50.0)]}
     for draw, pairs in runs.items():
         folder = tmp_path / f"d{draw}"
@@ -75,11 +64,11 @@ def test_demo_draws_summarises_gain_floors_and_intervals(tmp_path, capsys):
         demo_draws.main([str(tmp_path / "missing")])
 
 
-def test_visible_context_predictors_use_only_the_visible_tokens():
+def test_visible_context_predictors_use_only_the_visible_tokens(load_script):
     """The visible-context predictors never read a removed token: changing the removed voxels leaves every
     prediction unchanged. On a smooth crop (structure far coarser than a token) interpolation beats the
     crop mean by a wide margin; on white noise nothing does."""
-    vc = _load("xnt_visible_context")
+    vc = load_script("xnt_visible_context")
     rng = np.random.default_rng(0)
     removed = vc.token_masks(1, 8, 0.75)[0]
     assert removed.sum() == 512 - int(512 * 0.25)
@@ -106,8 +95,8 @@ def ndimage_smooth(a: np.ndarray, sigma: float) -> np.ndarray:
     return (s - s.mean()) / s.std()
 
 
-def test_floor_runs_scores_tell_an_under_confident_run_from_one_behind_its_input():
-    fr = _load("floor_runs")
+def test_floor_runs_scores_tell_an_under_confident_run_from_one_behind_its_input(load_script):
+    fr = load_script("floor_runs")
     target = np.zeros((8, 8, 8), bool)
     target[2:4, 2:4, 2:4] = True
     ranked = np.where(target, 0.4, 0.1)  # ranks the target first, never crosses 0.5

@@ -85,6 +85,8 @@ def _n_trains(text: str) -> list:
 def _finetune_set(items: list[str]) -> list[str]:
     """Check ``--finetune-set`` values against the recipe fields (an unknown key or bad value fails now, not
     after pre-training)."""
+    if not items:
+        return []
     from volssl.finetuning.recipes import resolve_recipe
 
     for item in items:

@@ -47,7 +47,6 @@ TRAINABLE = ("decoder", "all")  # what a stage trains
 STAGE_LR = ("warmup", "decay", "constant")  # the stage's lr curve
 TASKS = ("semantic", "affinities")  # what the network predicts
 STEM_INITS = ("replicate", "random")  # multi-channel stem: replicated pre-trained weights, or fresh ones
-HEAD_INITS = HEAD_INIT_MODES  # output convs: nnU-Net's He init, or MAE fine-tuning's near-zero one
 
 
 @dataclass
@@ -147,8 +146,8 @@ class FinetuneRecipe:
             raise ValueError(f"{where}: transfer must be one of {TRANSFERS}, got {self.transfer!r}")
         if self.stem_init not in STEM_INITS:
             raise ValueError(f"{where}: stem_init must be one of {STEM_INITS}, got {self.stem_init!r}")
-        if self.head_init not in HEAD_INITS:
-            raise ValueError(f"{where}: head_init must be one of {HEAD_INITS}, got {self.head_init!r}")
+        if self.head_init not in HEAD_INIT_MODES:
+            raise ValueError(f"{where}: head_init must be one of {HEAD_INIT_MODES}, got {self.head_init!r}")
         if not self.stages:
             raise ValueError(f"{where}: no stages")
         for k, s in enumerate(self.stages):
